@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they use
+# into .venv (Python 3.10+; set PYTHON to choose the interpreter).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+PROTO_VENV ?= .venv-proto
+
+.PHONY: all install demo test test-unit bench proto check-protobuf clean
+
+all: test
+
+$(VENV)/.installed-%: setup.cfg setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[$*]'
+	@touch $@
+
+install: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed-server
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.installed-test
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/run.py
+
+# Regenerates etcdcron/_pb from protos/ with the pinned protoc of grpcio-tools (its output needs
+# protobuf >= 5.29 at run time, the oldest the package declares).
+proto:
+	@test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip --disable-pip-version-check -q install 'grpcio-tools==1.71.0'
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. \
+		protos/etcdcron/_pb/api.proto protos/etcdcron/_pb/stored.proto
+
+clean:
+	rm -rf $(VENV) $(PROTO_VENV) build dist *.egg-info
