@@ -1,0 +1,115 @@
+"""What a job does next: its next tick, when that tick is delivered, and its counter after a result.
+
+Pure functions of a stored job, its counter and its parsed schedule (DESIGN.md section 3). They
+run on whichever thread calls them (the informer, the recorder) and never read a clock.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from etcdcron._pb import api_pb2, stored_pb2
+from etcdcron.api import TriggerResult
+from etcdcron.schedule import Schedule
+
+__all__ = [
+    "DEFAULT_FAILURE_POLICY",
+    "Pending",
+    "next_tick",
+    "pending",
+    "after_result",
+    "to_datetime",
+    "to_timestamp",
+]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+#: What a job without a failure policy gets: retry every second, at most 3 times.
+DEFAULT_FAILURE_POLICY = api_pb2.FailurePolicy(
+    constant=api_pb2.FailurePolicyConstant(interval={"seconds": 1}, max_retries=3)
+)
+
+
+def to_datetime(ts: Timestamp) -> datetime:
+    return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def to_timestamp(dt: datetime) -> Timestamp:
+    delta = dt - EPOCH
+    seconds = delta.days * 86400 + delta.seconds
+    return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
+
+
+class Pending(NamedTuple):
+    """The delivery a job waits for: ``tick`` is the scheduled time, ``due`` when to deliver it
+    (later than ``tick`` for a retry)."""
+
+    tick: datetime
+    due: datetime
+
+
+def next_tick(job: stored_pb2.Job, counter: stored_pb2.Counter,
+              schedule: Schedule | None) -> datetime | None:
+    """The next scheduled time of ``job`` given ``counter``, or ``None`` when it is finished."""
+    if schedule is None:
+        if counter.count > 0:
+            return None
+        tick = to_datetime(job.due_time)
+    else:
+        if job.job.HasField("repeats") and counter.count >= job.job.repeats:
+            return None
+        if counter.HasField("last_trigger"):
+            tick = schedule.next_after(to_datetime(counter.last_trigger))
+        elif job.HasField("due_time"):
+            tick = to_datetime(job.due_time)
+        else:
+            tick = schedule.next_after(to_datetime(job.start))
+        if tick is None:
+            return None
+    if job.HasField("expiration") and tick > to_datetime(job.expiration):
+        return None
+    return tick
+
+
+def _retry_interval(job: stored_pb2.Job) -> timedelta:
+    policy = job.job.failure_policy if job.job.HasField("failure_policy") else DEFAULT_FAILURE_POLICY
+    if policy.WhichOneof("policy") != "constant":
+        return timedelta(0)
+    return policy.constant.interval.ToTimedelta()
+
+
+def pending(job: stored_pb2.Job, counter: stored_pb2.Counter,
+            schedule: Schedule | None) -> Pending | None:
+    """The next delivery of ``job``: its tick, retried ``attempts`` intervals later."""
+    tick = next_tick(job, counter, schedule)
+    if tick is None:
+        return None
+    return Pending(tick, tick + counter.attempts * _retry_interval(job))
+
+
+def _retries_left(job: stored_pb2.Job, attempts: int) -> bool:
+    """Whether a tick that failed ``attempts`` times is delivered again."""
+    policy = job.job.failure_policy if job.job.HasField("failure_policy") else DEFAULT_FAILURE_POLICY
+    if policy.WhichOneof("policy") != "constant":
+        return False
+    constant = policy.constant
+    return not constant.HasField("max_retries") or attempts <= constant.max_retries
+
+
+def after_result(job: stored_pb2.Job, counter: stored_pb2.Counter, tick: datetime,
+                 result: TriggerResult) -> stored_pb2.Counter:
+    """The counter after delivering ``tick`` with ``result`` (SUCCESS or FAILED)."""
+    new = stored_pb2.Counter()
+    new.CopyFrom(counter)
+    new.job_partition_id = job.partition_id
+    if result is TriggerResult.FAILED:
+        new.attempts += 1
+        if _retries_left(job, new.attempts):
+            return new
+    new.last_trigger.CopyFrom(to_timestamp(tick))
+    new.count += 1
+    new.attempts = 0
+    return new
