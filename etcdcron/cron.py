@@ -1,0 +1,450 @@
+"""The :class:`Cron` façade: configuration, job CRUD, and the lifecycle of the threads.
+
+CRUD calls run on the caller's thread and need no :meth:`Cron.start`. ``start()`` creates and
+starts every thread (all named ``etcdcron-...``); ``stop()`` stops and joins them.
+
+Lifecycle (State Transitions)::
+
+    NEW --start()--> RUNNING --stop()--> STOPPING --> STOPPED
+    NEW --stop()--> STOPPED            (start() after stop() raises LifecycleError)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from etcdcron._etcd import EtcdClient
+from etcdcron._pb import api_pb2
+from etcdcron.engine import Engine
+from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
+from etcdcron.gc import CounterCollector
+from etcdcron.index import Ownership
+from etcdcron.keys import Keys
+from etcdcron.leadership import Elector, ElectionState, LeaseKeeper
+from etcdcron.notify import Notifier
+from etcdcron.staging import DeliverableHandle, Staging
+from etcdcron.store import Store
+from etcdcron.validation import validate_prefix
+
+__all__ = ["Cron", "CronState"]
+
+log = logging.getLogger("etcdcron")
+
+
+class CronState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_TRANSITIONS = {
+    CronState.NEW: {CronState.RUNNING, CronState.STOPPED},
+    CronState.RUNNING: {CronState.STOPPING},
+    CronState.STOPPING: {CronState.STOPPED},
+    CronState.STOPPED: set(),
+}
+
+
+def _seconds(name: str, value: object, minimum: float) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValidationError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    if value < minimum:
+        raise ValidationError(f"{name} must be at least {minimum} seconds, got {value!r}")
+    return float(value)
+
+
+def _callable_or_none(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise ValidationError(f"{name} must be callable, got {value!r}")
+
+
+class Cron:
+    """A replica of a distributed cron scheduler whose jobs live in etcd.
+
+    Every process that runs ``Cron(...).start()`` on the same ``namespace`` shares the jobs: each
+    job fires on exactly one live replica, at its time, and the others take over its jobs when it
+    goes away.
+
+    Example::
+
+        from etcdcron import Cron, Job
+
+        def trigger(req):
+            print("fired", req.name)
+
+        cron = Cron(endpoints="127.0.0.1:2379", namespace="myapp", trigger=trigger)
+        cron.start()
+        cron.add("hello", Job(schedule="*/10 * * * * *", repeats=3))
+
+    :param trigger: called with a :class:`TriggerRequest` on a worker thread; returns a
+        :class:`TriggerResult`, ``True``/``False``/``None``, or a ``Future`` of one of those.
+        An exception counts as FAILED.
+    :param namespace: the key prefix shared by the replicas (``NS/jobs/...``).
+    :param endpoints: ``"host:port"``, a comma-separated string or a list of them.
+    :param client: an existing ``etcd3`` client whose channel and credentials are reused,
+        instead of ``endpoints``.
+    :param replica_id: this replica's id in dynamic membership (default: unique); a second
+        process with the same id waits passively and takes over when the first goes away.
+    :param partition_id: static mode: this replica's partition (with ``partition_total``).
+    :param partition_total: static mode: the number of partitions; every replica must agree.
+    :param workers: how many threads call ``trigger`` (default ``min(32, cpus + 4)``).
+    :param lease_ttl: the leadership lease TTL in seconds (default 20; at least 2).
+    :param replica_data: a protobuf message published in this replica's leadership key.
+    :param on_leadership: called with every replica's ``replica_data`` (``Any`` or ``None``),
+        in key order, after each election.
+    :param consumer_sink: called with an :class:`InformerEvent` for every job this replica
+        starts or stops owning (``put``, ``delete``, ``drop_all`` before each rebalance and on
+        stop).
+    :param counter_gc_interval: seconds between sweeps of orphaned counters (default 180).
+    :param logger: where etcdcron logs (default ``logging.getLogger("etcdcron")``).
+    :param request_timeout: how long a CRUD call keeps retrying a failing etcd, in seconds.
+    :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
+    :param cert_key: client key file for TLS client authentication.
+    :param cert_cert: client certificate file for TLS client authentication.
+    :param user: etcd user (with ``password``); the auth token is renewed when it expires.
+    :param clock: wall-clock seconds since the epoch (for tests; default ``time.time``).
+    :raises ValidationError: if an option is invalid.
+    """
+
+    def __init__(
+        self,
+        *,
+        trigger: Callable,
+        namespace: str,
+        endpoints: str | Sequence[str] | None = None,
+        client=None,
+        replica_id: str | None = None,
+        partition_id: int | None = None,
+        partition_total: int | None = None,
+        workers: int | None = None,
+        lease_ttl: float | timedelta = 20,
+        replica_data: Message | None = None,
+        on_leadership: Callable | None = None,
+        consumer_sink: Callable | None = None,
+        counter_gc_interval: float | timedelta = 180,
+        logger: logging.Logger | None = None,
+        request_timeout: float | timedelta = 10,
+        ca_cert: str | None = None,
+        cert_key: str | None = None,
+        cert_cert: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        if not callable(trigger):
+            raise ValidationError(f"trigger must be callable, got {trigger!r}")
+        if not isinstance(namespace, str) or not namespace:
+            raise ValidationError(f"namespace must be a non-empty str, got {namespace!r}")
+        _callable_or_none("on_leadership", on_leadership)
+        _callable_or_none("consumer_sink", consumer_sink)
+        self._trigger = trigger
+        self._on_leadership = on_leadership
+        self._consumer_sink = consumer_sink
+        self._static = self._check_partitions(replica_id, partition_id, partition_total)
+        if self._static is not None:
+            replica_id = str(self._static[0])
+        elif replica_id is None:
+            replica_id = uuid.uuid4().hex
+        elif not isinstance(replica_id, str) or not replica_id or "/" in replica_id:
+            raise ValidationError(f"replica_id must be a non-empty str without '/', "
+                                  f"got {replica_id!r}")
+        self.replica_id = replica_id
+        if workers is None:
+            workers = min(32, (os.cpu_count() or 1) + 4)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValidationError(f"workers must be an int >= 1, got {workers!r}")
+        self._workers = workers
+        self._lease_ttl = math.ceil(_seconds("lease_ttl", lease_ttl, 2))
+        self._gc_interval = _seconds("counter_gc_interval", counter_gc_interval, 0.001)
+        self._replica_data = self._pack(replica_data)
+        self._log = logger or log
+        self._clock = clock
+
+        timeout = _seconds("request_timeout", request_timeout, 0.001)
+        if client is not None:
+            if endpoints is not None:
+                raise ValidationError("give either endpoints or client, not both")
+            channel = getattr(client, "channel", None)
+            if channel is None:
+                raise ValidationError(f"client must be an etcd3 client (with a .channel), "
+                                      f"got {client!r}")
+            self._client = EtcdClient(channel=channel, request_timeout=timeout,
+                                      metadata=getattr(client, "metadata", None) or ())
+        else:
+            try:
+                self._client = EtcdClient(endpoints or "127.0.0.1:2379", request_timeout=timeout,
+                                          ca_cert=ca_cert, cert_key=cert_key,
+                                          cert_cert=cert_cert, user=user, password=password)
+            except (ValueError, OSError) as exc:
+                raise ValidationError(f"invalid etcd connection options: {exc}") from exc
+        self._keys = Keys(namespace)
+        self._store = Store(self._client, self._keys,
+                            lambda: datetime.fromtimestamp(self._clock(), timezone.utc))
+        self._staging = Staging(self._release_staged)
+
+        # Guards _state; notified when it changes.
+        self._state_cond = threading.Condition(threading.Lock())
+        self._state = CronState.NEW
+        self._stop_event = threading.Event()
+        self._stop_deadline = math.inf
+        self._engine: Engine | None = None
+        self._elector: Elector | None = None
+        self._lease: LeaseKeeper | None = None
+        self._notifier: Notifier | None = None
+        self._collector: CounterCollector | None = None
+
+    @staticmethod
+    def _check_partitions(replica_id, partition_id, partition_total) -> tuple[int, int] | None:
+        if partition_id is None and partition_total is None:
+            return None
+        if partition_id is None or partition_total is None:
+            raise ValidationError("static mode needs both partition_id and partition_total")
+        if replica_id is not None:
+            raise ValidationError("give either replica_id (dynamic membership) or "
+                                  "partition_id/partition_total (static mode), not both")
+        for name, value in (("partition_id", partition_id), ("partition_total", partition_total)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValidationError(f"{name} must be an int, got {value!r}")
+        if partition_total < 1:
+            raise ValidationError(f"partition_total must be >= 1, got {partition_total}")
+        if not 0 <= partition_id < partition_total:
+            raise ValidationError(f"partition_id must be in [0, {partition_total}), "
+                                  f"got {partition_id}")
+        return partition_id, partition_total
+
+    @staticmethod
+    def _pack(replica_data) -> any_pb2.Any | None:
+        if replica_data is None or isinstance(replica_data, any_pb2.Any):
+            return replica_data
+        if not isinstance(replica_data, Message):
+            raise ValidationError(f"replica_data must be a protobuf message, got {replica_data!r}")
+        packed = any_pb2.Any()
+        packed.Pack(replica_data)
+        return packed
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> CronState:
+        return self._state
+
+    def _set_state_locked(self, state: CronState) -> None:
+        if state not in _TRANSITIONS[self._state]:
+            raise LifecycleError(f"Cron cannot go from {self._state.name} to {state.name}")
+        self._state = state
+        self._state_cond.notify_all()
+
+    def start(self) -> Cron:
+        """Start the background threads and return at once (idempotent).
+
+        :raises LifecycleError: if this Cron was stopped; create a new one instead.
+        """
+        with self._state_cond:
+            if self._state is CronState.RUNNING:
+                return self
+            if self._state is not CronState.NEW:
+                raise LifecycleError("this Cron was stopped and cannot start again; "
+                                     "create a new Cron")
+            self._build()
+            for thread in self._threads():
+                thread.start()
+            self._set_state_locked(CronState.RUNNING)
+        return self
+
+    def _build(self) -> None:
+        stop = self._stop_event
+        if self._on_leadership or self._consumer_sink:
+            self._notifier = Notifier(self._log)
+        emit = None
+        if self._consumer_sink is not None:
+            emit = lambda event: self._notifier.call(self._consumer_sink, event)  # noqa: E731
+        self._lease = LeaseKeeper(self._client, self._lease_ttl, stop, self._wake_elector,
+                                  self._log)
+        self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
+                              workers=self._workers, lease_valid=self._lease.valid, emit=emit,
+                              staging=self._staging, stop=stop, clock=self._clock,
+                              logger=self._log)
+        self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
+                                           self._log)
+        self._elector = Elector(client=self._client, keys=self._keys, lease=self._lease,
+                                replica_id=self.replica_id, uid=random.getrandbits(64),
+                                replica_data=self._replica_data, static=self._static,
+                                activate=self._activate, deactivate=self._deactivate,
+                                on_elected=self._elected, stop=stop, logger=self._log)
+
+    def _threads(self) -> list[threading.Thread]:
+        threads = []
+        if self._notifier is not None:
+            threads.append(self._notifier.thread)
+        threads += [*self._engine.threads, self._collector.thread, self._lease.thread,
+                    self._elector.watch.thread, self._elector.thread]
+        return threads
+
+    def _wake_elector(self) -> None:
+        if self._elector is not None:
+            self._elector.wake()
+
+    def _activate(self, ownership: Ownership) -> None:
+        self._engine.activate(ownership)
+        self._collector.activate(ownership)
+
+    def _deactivate(self) -> None:
+        self._collector.deactivate()
+        remaining = self._stop_deadline - time.monotonic()
+        self._engine.deactivate(max(0.0, min(remaining, self._lease_ttl)))
+
+    def _elected(self, ownership: Ownership) -> None:
+        if self._on_leadership is not None:
+            self._notifier.call(self._on_leadership, list(ownership.replicas))
+
+    def _release_staged(self, entries: list[tuple[str, int]]) -> None:
+        if self._engine is not None:
+            self._engine.release(entries)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop triggering, release the leadership key at once, and join every thread.
+
+        Waits up to ``timeout`` seconds in all, first for triggers in flight to be recorded.
+        Idempotent.
+
+        :raises StopTimeoutError: naming the threads that did not stop in time (for example a
+            trigger that never returns).
+        """
+        deadline = time.monotonic() + timeout
+        with self._state_cond:
+            if self._state is CronState.NEW:
+                self._set_state_locked(CronState.STOPPED)
+                self._client.close()
+                return
+            if self._state is CronState.STOPPING:
+                self._state_cond.wait_for(lambda: self._state is CronState.STOPPED, timeout)
+                return
+            if self._state is CronState.STOPPED:
+                return
+            self._set_state_locked(CronState.STOPPING)
+        self._stop_deadline = deadline
+        self._stop_event.set()
+        self._elector.stop()
+        self._elector.thread.join(max(0.0, deadline - time.monotonic()))
+        self._engine.stop()
+        self._collector.stop()
+        self._lease.stop()
+        if self._notifier is not None:
+            self._notifier.stop()
+        alive = []
+        for thread in self._threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                alive.append(thread.name)
+        self._client.close()
+        with self._state_cond:
+            self._set_state_locked(CronState.STOPPED)
+        if alive:
+            raise StopTimeoutError(f"threads still running {timeout}s after stop(): "
+                                   f"{', '.join(alive)}")
+
+    def run(self) -> None:
+        """Start, and block until :meth:`stop` is called from another thread (or Ctrl-C)."""
+        self.start()
+        try:
+            with self._state_cond:
+                self._state_cond.wait_for(lambda: self._state is CronState.STOPPED)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Cron:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def is_elected(self) -> bool:
+        """Whether this replica owns its partition(s) and is triggering."""
+        return self._elector is not None and self._elector.is_elected()
+
+    def wait_elected(self, timeout: float | None = None) -> bool:
+        """Wait until :meth:`is_elected`; returns False if ``timeout`` seconds pass first.
+
+        :raises LifecycleError: if the Cron was never started.
+        """
+        if self._elector is None:
+            raise LifecycleError("wait_elected() needs start() first")
+        return self._elector.wait_elected(timeout)
+
+    @property
+    def election_state(self) -> ElectionState | None:
+        return self._elector.state if self._elector is not None else None
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state is CronState.STOPPED:
+            raise LifecycleError("this Cron is stopped")
+
+    def add(self, name: str, job: api_pb2.Job) -> None:
+        """Create or replace the job ``name``; a replaced job starts afresh (new version).
+
+        :raises ValidationError: if the name or the job is invalid (nothing is written).
+        """
+        self._check_open()
+        self._store.add(name, job)
+
+    def add_if_not_exists(self, name: str, job: api_pb2.Job) -> None:
+        """Create the job ``name`` in one create-only transaction.
+
+        :raises JobExistsError: if a job of that name exists.
+        :raises ValidationError: if the name or the job is invalid.
+        """
+        self._check_open()
+        self._store.add_if_not_exists(name, job)
+
+    def get(self, name: str) -> api_pb2.Job | None:
+        """The job ``name`` as stored (with its default failure policy), or ``None``."""
+        self._check_open()
+        return self._store.get(name)
+
+    def delete(self, name: str) -> None:
+        """Delete the job ``name`` (and its counter); a missing job is not an error."""
+        self._check_open()
+        self._store.delete(name)
+
+    def delete_prefixes(self, *prefixes: str) -> None:
+        """Delete every job whose name starts with one of ``prefixes``, in one transaction."""
+        self._check_open()
+        self._store.delete_prefixes(*prefixes)
+
+    def list(self, prefix: str = "") -> list[api_pb2.NamedJob]:
+        """Every job whose name starts with ``prefix``, as :class:`NamedJob`, sorted by name."""
+        self._check_open()
+        return self._store.list(prefix)
+
+    def deliverable_prefixes(self, *prefixes: str) -> DeliverableHandle:
+        """Mark job names starting with ``prefixes`` deliverable on this replica.
+
+        Jobs parked after returning UNDELIVERABLE fire at once when a matching prefix is
+        registered. Registrations are reference counted: the returned handle's ``cancel()`` (or
+        leaving it as a context manager) removes this one.
+        """
+        if not prefixes:
+            raise ValidationError("deliverable_prefixes needs at least one prefix")
+        return self._staging.register(tuple(validate_prefix(p) for p in prefixes))
+
+    def __repr__(self) -> str:
+        return (f"<Cron namespace={self._keys.namespace!r} replica_id={self.replica_id!r} "
+                f"state={self._state.name}>")

@@ -1,0 +1,194 @@
+"""The in-memory table of the jobs this replica owns, and what an election grants it.
+
+The informer thread fills the table, the timer and worker threads move jobs between phases, the
+recorder thread updates their counters. Every access holds :attr:`JobIndex.lock`; methods named
+``*_locked`` expect the caller to hold it. Nothing here talks to etcd or calls user code.
+
+Job phases (State Transitions)::
+
+    (informer put) --> ARMED --(timer: due)--> RUNNING --(recorder: next tick)--> ARMED
+                                                  |  \\--(recorder: no next tick)--> removed
+                                                  |   \\--(recorder: conflict)--> IDLE
+                                                  \\--(UNDELIVERABLE)--> STAGED --(prefix)--> RUNNING
+    (informer delete) --> removed;  (informer put of a new version) --> replaced (new token)
+
+A job's ``token`` is unique per loaded version (and per session): a heap entry, a queued trigger
+or a result that carries another token is stale and is dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from etcdcron._pb import api_pb2, stored_pb2
+from etcdcron.schedule import Schedule, parse_schedule
+from etcdcron.ticks import Pending, pending
+
+__all__ = ["Phase", "JobState", "JobIndex", "Ownership", "decode_counter"]
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    ARMED = "armed"  #: waiting in the timer heap until ``next.due``
+    RUNNING = "running"  #: handed to a worker; its result is not recorded yet
+    STAGED = "staged"  #: undeliverable; parked until a deliverable prefix matches it
+    IDLE = "idle"  #: waiting for the informer to replace or remove it
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """What an election granted: the partitions this replica triggers, and its fence.
+
+    :ivar total: the partition total.
+    :ivar indices: the partition indices owned (``partition_id % total in indices``).
+    :ivar fence_key: this replica's leadership key.
+    :ivar fence_revision: the key's mod revision for this session; every counter write
+        compares it, so nothing is written once the session is over.
+    :ivar epoch: increments with every session of this replica.
+    :ivar replicas: every replica's ``replica_data`` (an ``Any`` or ``None``), in key order.
+    """
+
+    total: int
+    indices: frozenset
+    fence_key: bytes
+    fence_revision: int
+    epoch: int = 0
+    replicas: tuple = field(default=(), compare=False)
+
+    def owns(self, partition_id: int) -> bool:
+        return partition_id % self.total in self.indices
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule(spec: str) -> Schedule:
+    return parse_schedule(spec)
+
+
+def decode_counter(value: bytes, name: str,
+                   logger: logging.Logger = log) -> stored_pb2.Counter | None:
+    counter = stored_pb2.Counter()
+    try:
+        counter.ParseFromString(value)
+    except DecodeError:
+        logger.warning("counter of job %r cannot be decoded; the job starts from its first tick", name)
+        return None
+    return counter
+
+
+@dataclass(eq=False, slots=True)
+class JobState:
+    """One owned job version and where it is in its life."""
+
+    name: str
+    record: stored_pb2.Job
+    mod_revision: int  #: of NS/jobs/NAME, compared by every counter write
+    schedule: Schedule | None
+    counter: stored_pb2.Counter
+    counter_revision: int  #: of NS/counters/NAME (0: absent), compared by every counter write
+    token: int
+    request: api_pb2.TriggerRequest
+    phase: Phase = Phase.IDLE
+    next: Pending | None = None
+
+
+class JobIndex:
+    """The owned jobs of the current session, by name."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self._log = logger or log
+        # Guards _jobs and every JobState in it, and _ownership.
+        self.lock = threading.Lock()
+        self._jobs: dict[str, JobState] = {}
+        self._ownership: Ownership | None = None
+        self._tokens = itertools.count(1)
+        #: How many jobs are RUNNING: triggered, their result not recorded yet.
+        self.running = 0
+
+    # -- session ---------------------------------------------------------------------------------
+
+    @property
+    def ownership(self) -> Ownership | None:
+        return self._ownership
+
+    def set_ownership_locked(self, ownership: Ownership | None) -> None:
+        self._ownership = ownership
+
+    def clear_locked(self) -> None:
+        self._jobs.clear()
+        self.running = 0
+
+    def set_phase_locked(self, state: JobState, phase: Phase) -> None:
+        self.running += (phase is Phase.RUNNING) - (state.phase is Phase.RUNNING)
+        state.phase = phase
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def get_locked(self, name: str, token: int | None = None) -> JobState | None:
+        """The state of ``name``; with ``token``, only if it is still that version."""
+        state = self._jobs.get(name)
+        if state is None or (token is not None and state.token != token):
+            return None
+        return state
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def names_locked(self) -> list[str]:
+        return list(self._jobs)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self._jobs)
+
+    # -- changes from the informer ---------------------------------------------------------------
+
+    def put_locked(self, name: str, record: stored_pb2.Job, mod_revision: int,
+                   counter: stored_pb2.Counter | None, counter_revision: int) -> JobState | None:
+        """Load a version of ``name`` (replacing any other) and return it, or ``None`` when that
+        version is already loaded or cannot be scheduled. ``state.next`` is ``None`` for a job
+        that has nothing left to do (the caller deletes it).
+
+        ``counter`` is used only if it belongs to this version (same partition id); an existing
+        state of the same version keeps its newer in-memory counter.
+        """
+        old = self._jobs.get(name)
+        if old is not None and old.mod_revision == mod_revision:
+            return None
+        if old is not None and old.record.partition_id == record.partition_id:
+            counter, counter_revision = old.counter, old.counter_revision
+        elif counter is None or counter.job_partition_id != record.partition_id:
+            counter = stored_pb2.Counter(job_partition_id=record.partition_id)
+        try:
+            schedule = _schedule(record.job.schedule) if record.job.HasField("schedule") else None
+        except ValueError as exc:
+            self._log.warning("job %r has a schedule etcdcron cannot parse (%s); skipping it", name, exc)
+            self.remove_locked(name)
+            return None
+        request = api_pb2.TriggerRequest(name=name)
+        if record.job.HasField("metadata"):
+            request.metadata.CopyFrom(record.job.metadata)
+        if record.job.HasField("payload"):
+            request.payload.CopyFrom(record.job.payload)
+        state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
+                         counter=counter, counter_revision=counter_revision,
+                         token=next(self._tokens), request=request)
+        state.next = pending(record, counter, schedule)
+        if old is not None:
+            self.set_phase_locked(old, Phase.IDLE)
+        self._jobs[name] = state
+        return state
+
+    def remove_locked(self, name: str, token: int | None = None) -> JobState | None:
+        state = self.get_locked(name, token)
+        if state is not None:
+            self.set_phase_locked(state, Phase.IDLE)
+            del self._jobs[name]
+        return state

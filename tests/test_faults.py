@@ -1,0 +1,75 @@
+"""etcd failing under a running Cron: restarts, pauses, outages."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from etcdcron import Cron, Job
+from etcdcron.testing import wait_until
+from tests.conftest import Calls
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+
+@pytest.fixture
+def replica(own_etcd, namespace, calls):
+    cron = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add,
+                lease_ttl=10)
+    yield cron
+    cron.stop(timeout=15)
+
+
+def test_etcd_restart_loses_and_duplicates_nothing(own_etcd, replica, calls: Calls):
+    replica.start()
+    assert replica.wait_elected(10)
+    replica.add("during", Job(due_time="1500ms"))  # due while etcd is down
+    replica.add("after", Job(due_time="4s"))  # due after it is back
+    replica.add("every", Job(schedule="@every 500ms", repeats=12))
+    calls.wait("every", 1)
+
+    own_etcd.stop()
+    calls.wait("during", 1, timeout=10)  # fired from memory; recorded once etcd is back
+    own_etcd.start()
+
+    calls.wait("after", 1, timeout=20)
+    wait_until(lambda: not replica.list(), 30, message="every job to finish")
+    assert calls.count("during") == 1
+    assert calls.count("after") == 1
+    assert calls.count("every") == 12
+
+
+def test_etcd_paused_longer_than_the_lease(own_etcd, namespace, calls: Calls):
+    cron = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add, lease_ttl=3)
+    try:
+        cron.start()
+        assert cron.wait_elected(10)
+        cron.add("later", Job(due_time="6s"))
+        own_etcd.pause()
+        try:
+            wait_until(lambda: not cron.is_elected(), 10, message="the lease to run out")
+        finally:
+            own_etcd.resume()
+        assert cron.wait_elected(30)
+        calls.wait("later", 1, timeout=20)
+        wait_until(lambda: not cron.list(), 10)
+        assert calls.count("later") == 1
+    finally:
+        cron.stop(timeout=15)
+
+
+def test_crud_raises_a_clear_error_when_etcd_is_down(own_etcd, namespace):
+    from etcdcron import EtcdUnavailableError
+
+    cron = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=print,
+                request_timeout=1)
+    own_etcd.stop()
+    try:
+        with pytest.raises(EtcdUnavailableError, match="UNAVAILABLE") as info:
+            cron.get("job")
+        assert isinstance(info.value, ConnectionError)
+        assert info.value.__cause__ is not None
+    finally:
+        own_etcd.start()
+        cron.stop()
