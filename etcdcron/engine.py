@@ -62,13 +62,13 @@ class Engine:
     """Owned jobs, their timer, the worker pool and the recorder of one :class:`Cron`.
 
     :param trigger: the user's callable.
-    :param lease_valid: whether this replica's lease is still valid by its own clock; checked
-        right before every trigger.
+    :param lease_valid: whether the lease of a generation is still valid by this process's
+        clock; checked right before every trigger.
     :param emit: queues an ``InformerEvent`` for the consumer sink (or ``None``).
     """
 
     def __init__(self, *, client: EtcdClient, keys: Keys, trigger: Callable, workers: int,
-                 lease_valid: Callable[[], bool], emit: Callable | None, staging: Staging,
+                 lease_valid: Callable[[int], bool], emit: Callable | None, staging: Staging,
                  stop: threading.Event, clock: Callable[[], float] = time.time,
                  logger: logging.Logger | None = None):
         self._log = logger or log
@@ -249,7 +249,7 @@ class Engine:
             if state is None or state.phase is not Phase.RUNNING:
                 return
             ownership = self.index.ownership
-            if ownership is None or not self._lease_valid():
+            if ownership is None or not self._lease_valid(ownership.lease_generation):
                 self.index.set_phase_locked(state, Phase.IDLE)
                 self._drained.notify_all()
                 return

@@ -38,20 +38,16 @@ def find_garbage(jobs: dict[str, tuple[int | None, int]], counters: list) -> lis
     """
     garbage = []
     for name, kv in counters:
-        job = jobs.get(name)
-        if job is None:
-            garbage.append((name, kv.mod_revision, 0))
-            continue
-        partition_id, job_revision = job
-        if partition_id is None:
-            continue
         counter = stored_pb2.Counter()
         try:
             counter.ParseFromString(kv.value)
         except DecodeError:
             continue
-        if counter.job_partition_id != partition_id:
-            garbage.append((name, kv.mod_revision, job_revision))
+        job = jobs.get(name)
+        if job is None:
+            garbage.append((name, kv.mod_revision, 0))
+        elif job[0] is not None and counter.job_partition_id != job[0]:
+            garbage.append((name, kv.mod_revision, job[1]))
     return garbage
 
 
@@ -127,8 +123,9 @@ class CounterCollector:
                                    cmp_mod(self._keys.job(name), job_revision)],
                                   [op_delete(counter_key)]))
             response = self._client.txn([], ops, **kw)
-            deleted += sum(reply.response_txn.succeeded for reply in response.responses)
+            batch = sum(reply.response_txn.succeeded for reply in response.responses)
+            self.deleted += batch
+            deleted += batch
         if deleted:
             self._log.info("deleted %d orphaned counters", deleted)
-        self.deleted += deleted
         return deleted

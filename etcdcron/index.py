@@ -52,6 +52,8 @@ class Ownership:
     :ivar fence_key: this replica's leadership key.
     :ivar fence_revision: the key's mod revision for this session; every counter write
         compares it, so nothing is written once the session is over.
+    :ivar lease_generation: the lease this session was elected under; it triggers only while
+        that very lease is valid.
     :ivar epoch: increments with every session of this replica.
     :ivar replicas: every replica's ``replica_data`` (an ``Any`` or ``None``), in key order.
     """
@@ -60,6 +62,7 @@ class Ownership:
     indices: frozenset
     fence_key: bytes
     fence_revision: int
+    lease_generation: int = 0
     epoch: int = 0
     replicas: tuple = field(default=(), compare=False)
 

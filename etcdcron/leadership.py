@@ -87,36 +87,42 @@ class LeaseKeeper:
         self._margin = lease_margin(ttl)
         self._stop = stop
         self._on_change = on_change
-        # Guards _lease_id, _valid_until, _generation and _stream.
+        # Guards _lease_id, _validity and _stream. _validity is one tuple
+        # (generation, valid until) so that readers without the lock never see half an update.
         self._lock = threading.Lock()
         self._lease_id = 0
-        self._valid_until = 0.0
-        self._generation = 0
+        self._validity = (0, 0.0)
         self._stream = None
         self.thread = threading.Thread(target=self._run, name="etcdcron-lease", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def valid(self) -> bool:
-        """Whether the lease is valid by this process's clock."""
-        return time.monotonic() < self._valid_until
+    def valid(self, generation: int | None = None) -> bool:
+        """Whether the lease (of that ``generation``, if given) is valid by this process's clock.
+
+        Each granted lease is a new generation: a session elected under one lease must not
+        trigger under the next, even for the moment before the election thread ends it.
+        """
+        current, valid_until = self._validity
+        return time.monotonic() < valid_until and generation in (None, current)
 
     def current(self) -> tuple[int, int] | None:
         """``(lease id, generation)`` of the valid lease, or ``None``."""
         with self._lock:
-            if self._lease_id and time.monotonic() < self._valid_until:
-                return self._lease_id, self._generation
+            generation, valid_until = self._validity
+            if self._lease_id and time.monotonic() < valid_until:
+                return self._lease_id, generation
             return None
 
     def valid_for(self) -> float:
-        return self._valid_until - time.monotonic()
+        return self._validity[1] - time.monotonic()
 
     def stop(self) -> None:
         """Cancel the keepalive stream and revoke the lease, which deletes the key at once."""
         with self._lock:
             stream, lease_id = self._stream, self._lease_id
-            self._lease_id, self._valid_until = 0, 0.0
+            self._lease_id, self._validity = 0, (self._validity[0], 0.0)
         if stream is not None:
             stream.cancel()
         if lease_id:
@@ -139,8 +145,7 @@ class LeaseKeeper:
                         self._lease_id = lease_id
                         return
                     self._lease_id = lease_id
-                    self._valid_until = sent_at + ttl - self._margin
-                    self._generation += 1
+                    self._validity = (self._validity[0] + 1, sent_at + ttl - self._margin)
                 self._log.debug("granted lease %x (ttl %ds)", lease_id, ttl)
                 self._on_change()
                 backoff.reset()
@@ -166,9 +171,10 @@ class LeaseKeeper:
                         self._lose(lease_id, "etcd says it expired")
                         return
                     with self._lock:
+                        generation, valid_until = self._validity
                         if self._lease_id == lease_id:
-                            self._valid_until = max(self._valid_until,
-                                                    sent_at + ttl - self._margin)
+                            self._validity = (generation,
+                                              max(valid_until, sent_at + ttl - self._margin))
                     backoff.reset()
                     if self._stop.wait(interval):
                         return
@@ -189,7 +195,7 @@ class LeaseKeeper:
 
     def _lose(self, lease_id: int, why: str) -> None:
         with self._lock:
-            self._lease_id, self._valid_until = 0, 0.0
+            self._lease_id, self._validity = 0, (self._validity[0], 0.0)
         self._log.warning("lost lease %x: %s", lease_id, why)
         self._on_change()
         self._revoke(lease_id)
@@ -355,7 +361,8 @@ class Elector:
         return self._ownership
 
     def is_elected(self) -> bool:
-        return self._ownership is not None and self._lease.valid()
+        ownership = self._ownership
+        return ownership is not None and self._lease.valid(ownership.lease_generation)
 
     def wait_elected(self, timeout: float | None) -> bool:
         with self._cond:
@@ -556,7 +563,8 @@ class Elector:
             for _, m in sorted(self._members.items())
         )
         ownership = Ownership(total=total, indices=indices, fence_key=self._key,
-                              fence_revision=self._claim.mod_revision, epoch=self._epoch,
+                              fence_revision=self._claim.mod_revision,
+                              lease_generation=self._claim.generation, epoch=self._epoch,
                               replicas=replicas)
         self._ownership_membership = membership
         self._activate(ownership)

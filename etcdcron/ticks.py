@@ -105,7 +105,7 @@ def after_result(job: stored_pb2.Job, counter: stored_pb2.Counter, tick: datetim
     new = stored_pb2.Counter()
     new.CopyFrom(counter)
     new.job_partition_id = job.partition_id
-    if result is TriggerResult.FAILED:
+    if result == TriggerResult.FAILED:
         new.attempts += 1
         if _retries_left(job, new.attempts):
             return new

@@ -63,9 +63,9 @@ def _check_failure_policy(job: api_pb2.Job) -> None:
     if kind == "constant":
         interval = policy.constant.interval
         if interval.seconds < 0 or interval.nanos < 0:
+            seconds = interval.seconds + interval.nanos / 1e9
             raise ValidationError(
-                f"failure_policy.constant.interval must not be negative, got "
-                f"{interval.ToTimedelta()}"
+                f"failure_policy.constant.interval must not be negative, got {seconds:g}s"
             )
 
 

@@ -214,3 +214,40 @@ def test_reuses_an_etcd3_client(etcd, namespace, calls):
         cron.stop()
     existing.put("still", "usable")  # its channel belongs to the caller and stays open
     assert existing.get("still")[0] == b"usable"
+
+
+def test_a_session_never_triggers_under_the_next_lease(make_cron, calls, client, namespace):
+    """The lease is lost and a new one granted while the election thread is still busy ending
+    the old session: the old session's jobs must not fire under the new lease."""
+    from etcdcron.index import Phase
+
+    cron = make_cron(calls.add, lease_ttl=3)
+    cron.start()
+    assert cron.wait_elected(10)
+    first_generation = cron._lease.current()[1]
+    release = threading.Event()
+    collector_deactivate = cron._collector.deactivate
+
+    def slow_deactivate():
+        release.wait(20)
+        collector_deactivate()
+
+    cron._collector.deactivate = slow_deactivate
+    (kv,) = leadership_keys(client, namespace)
+    client.lease_revoke(kv.lease)
+    wait_until(lambda: (cron._lease.current() or (0, 0))[1] == first_generation + 1, 10,
+               message="a new lease")
+
+    cron.add("job", Job(due_time="0s"))  # loaded by the old session, which is still active
+
+    def refused():
+        with cron._engine.index.lock:
+            state = cron._engine.index.get_locked("job")
+            return state is not None and state.phase is Phase.IDLE
+    wait_until(refused, 10, message="the old session to refuse the trigger")
+    assert calls.count("job") == 0
+
+    release.set()
+    calls.wait("job", 1, timeout=15)
+    wait_until(lambda: cron.get("job") is None, 10)
+    assert calls.count("job") == 1

@@ -1,0 +1,175 @@
+"""Replicas as separate processes: crashes (SIGKILL), freezes (SIGSTOP) and a gunicorn-style
+deployment of four worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from etcdcron import Cron, Job
+from etcdcron.testing import wait_until
+from tests.conftest import bulk_add
+
+pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Replica:
+    """One ``tests.replica_proc`` process and its log."""
+
+    def __init__(self, endpoint: str, namespace: str, log: Path, lease_ttl: float):
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.replica_proc", "--endpoint", endpoint,
+             "--namespace", namespace, "--log", str(log), "--lease-ttl", str(lease_ttl)],
+            cwd=ROOT, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def lines(self) -> list[tuple[float, str, str]]:
+        if not self.log.exists():
+            return []
+        result = []
+        for line in self.log.read_text().splitlines():
+            stamp, kind, *rest = line.split(" ", 2)
+            result.append((float(stamp), kind, rest[0] if rest else ""))
+        return result
+
+    def fired(self, since: float = 0.0) -> list[tuple[float, str]]:
+        return [(t, name) for t, kind, name in self.lines() if kind == "fired" and t >= since]
+
+    def leaders(self) -> int | None:
+        counts = [int(n) for _, kind, n in self.lines() if kind == "leaders"]
+        return counts[-1] if counts else None
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.pid, signum)
+
+    def close(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def spawn(etcd, namespace, tmp_path):
+    made: list[Replica] = []
+
+    def make(count: int, lease_ttl: float = 20) -> list[Replica]:
+        new = [Replica(etcd.endpoint, namespace, tmp_path / f"replica-{len(made) + i}.log",
+                       lease_ttl) for i in range(count)]
+        made.extend(new)
+        return new
+
+    yield make
+    for replica in made:
+        replica.close()
+
+
+@pytest.fixture
+def producer(etcd, namespace):
+    cron = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=print)
+    yield cron
+    cron.stop()
+
+
+def wait_settled(replicas: list[Replica], timeout: float = 60) -> None:
+    """Every replica has been elected with all of them as members."""
+    wait_until(lambda: all(r.leaders() == len(replicas) for r in replicas), timeout,
+               message=lambda: f"{len(replicas)} replicas elected: "
+                               f"{[r.leaders() for r in replicas]}")
+
+
+def all_fired(replicas: list[Replica], since: float = 0.0) -> Counter:
+    return Counter(name for r in replicas for _, name in r.fired(since))
+
+
+@pytest.mark.parametrize("lease_ttl", [3, 20])
+def test_sigkill_failover_within_the_lease_ttl_and_no_tick_skipped(spawn, producer, client,
+                                                                   namespace, lease_ttl):
+    replicas = spawn(3, lease_ttl=lease_ttl)
+    wait_settled(replicas)
+    repeats = int((lease_ttl + 12) / 0.5)
+    names = [f"job-{i:02d}" for i in range(60)]
+    bulk_add(client, namespace, {n: Job(schedule="@every 500ms", repeats=repeats) for n in names})
+    victim, survivors = replicas[0], replicas[1:]
+    wait_until(lambda: len(all_fired(replicas)) == len(names), 20, message="every job to start")
+    victim_jobs = {n for _, n in victim.fired()}
+    assert victim_jobs
+
+    killed_at = time.time()
+    victim.signal(signal.SIGKILL)
+    victim.process.wait()
+
+    def resumed() -> dict:
+        first = {}
+        for survivor in survivors:
+            for t, name in survivor.fired(killed_at):
+                if name in victim_jobs:
+                    first[name] = min(t, first.get(name, t))
+        return first if set(first) == victim_jobs else {}
+
+    first = wait_until(resumed, lease_ttl + 30, message="the survivors to take every job over")
+    failover = max(first.values()) - killed_at
+    print(f"\nfailover with lease_ttl={lease_ttl}s: {failover:.2f}s "
+          f"({len(victim_jobs)} jobs of the killed replica)")
+    assert failover <= lease_ttl + 5
+
+    wait_until(lambda: not producer.list(), repeats * 0.5 + lease_ttl + 30,
+               message="every job to finish")
+    counts = all_fired(replicas)
+    assert set(counts) == set(names)
+    for name in names:
+        # Nothing skipped; at most the one tick in flight when the replica died is repeated.
+        assert repeats <= counts[name] <= repeats + 1, (name, counts[name])
+
+
+def test_sigstop_past_the_lease_fires_nothing_on_waking(spawn, producer, client, namespace):
+    replicas = spawn(3, lease_ttl=3)
+    wait_settled(replicas)
+    victim, survivors = replicas[0], replicas[1:]
+    names = [f"shot-{i:02d}" for i in range(60)]
+    due = {n: f"{2000 + 100 * i}ms" for i, n in enumerate(names)}  # over 2 .. 8 s from now
+    bulk_add(client, namespace, {n: Job(due_time=due[n]) for n in names})
+
+    stopped_at = time.time()
+    victim.signal(signal.SIGSTOP)
+    wait_until(lambda: not producer.list(), 40, message="the others to fire every one-shot")
+    assert sum(all_fired(survivors).values()) == 60
+
+    woke_at = time.time()
+    victim.signal(signal.SIGCONT)
+    wait_settled(replicas, 60)  # it rejoined as a new member and everyone was re-elected
+    producer.add("after-wake", Job(due_time="0s"))
+    wait_until(lambda: all_fired(replicas)["after-wake"] == 1, 20)
+
+    assert victim.fired(stopped_at) == [] or all(n == "after-wake" for _, n in victim.fired())
+    assert all_fired(replicas) == Counter({**{n: 1 for n in names}, "after-wake": 1})
+    assert woke_at > stopped_at
+
+
+def test_gunicorn_style_four_worker_processes_fire_each_of_200_jobs_once(spawn, producer):
+    workers = spawn(4)
+    wait_settled(workers)
+    names = [f"job-{i:03d}" for i in range(200)]
+    for i, name in enumerate(names):
+        producer.add(name, Job(due_time=f"{1000 + 10 * i}ms"))
+    wait_until(lambda: not producer.list(), 30)
+    wait_until(lambda: sum(all_fired(workers).values()) >= 200, 10)
+    assert all_fired(workers) == Counter({n: 1 for n in names})
+    assert sum(1 for w in workers if w.fired()) >= 3
