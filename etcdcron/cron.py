@@ -338,9 +338,12 @@ class Cron:
                 return
             self._set_state_locked(CronState.STOPPING)
         self._stop_deadline = deadline
-        self._stop_event.set()
-        self._elector.stop()
+        # The election thread ends the session first, waiting for results in flight; only then
+        # does the shared stop event make every other thread abandon its etcd retries.
+        self._elector.halt()
         self._elector.thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop_event.set()
+        self._elector.watch.stop()
         self._engine.stop()
         self._collector.stop()
         self._lease.stop()

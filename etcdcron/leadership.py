@@ -324,7 +324,8 @@ class Elector:
         self._activate = activate
         self._deactivate = deactivate
         self._on_elected = on_elected
-        self._stop = stop
+        # Set by halt(): leave the loop, end the session; etcd calls of this thread abort on it.
+        self._halt = threading.Event()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Guards _state and _ownership; notified on every state change.
         self._cond = threading.Condition(threading.Lock())
@@ -368,8 +369,10 @@ class Elector:
         with self._cond:
             return self._cond.wait_for(self.is_elected, timeout)
 
-    def stop(self) -> None:
-        self.watch.stop()
+    def halt(self) -> None:
+        """End the election: the thread drains the session and exits. Unlike the shared stop
+        event, this leaves the recorder free to record the results still in flight."""
+        self._halt.set()
         self.wake()
 
     # -- election thread -------------------------------------------------------------------------
@@ -391,7 +394,7 @@ class Elector:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 timeout = max(0.01, min(1.0, self._lease.valid_for())) if self._claim else 1.0
                 try:
                     message = self._inbox.get(timeout=timeout)
@@ -403,7 +406,7 @@ class Elector:
                         self._take(self._inbox.get_nowait())
                     except queue.Empty:
                         break
-                if self._stop.is_set():
+                if self._halt.is_set():
                     break
                 try:
                     self._evaluate()
@@ -511,7 +514,7 @@ class Elector:
         total = self._static[1] if self._static else len(self._members) + 1
         response = self._client.txn([cmp_create(self._key, 0)],
                                     [op_put(self._key, self._record(total), lease=lease_id)],
-                                    stop=self._stop)
+                                    stop=self._halt)
         if not response.succeeded:
             return False  # somebody took it first; the watch will show who
         revision = response.header.revision
@@ -548,7 +551,7 @@ class Elector:
             response = self._client.txn(
                 [cmp_create(self._key, self._claim.create_revision)],
                 [op_put(self._key, self._record(total), lease=lease_id)],
-                stop=self._stop)
+                stop=self._halt)
             if response.succeeded:
                 self._claim.mod_revision = response.header.revision
             return

@@ -251,3 +251,26 @@ def test_a_session_never_triggers_under_the_next_lease(make_cron, calls, client,
     calls.wait("job", 1, timeout=15)
     wait_until(lambda: cron.get("job") is None, 10)
     assert calls.count("job") == 1
+
+
+def test_stop_records_the_results_of_triggers_in_flight(make_cron, calls):
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(req):
+        calls.add(req)
+        started.set()
+        release.wait(10)
+
+    cron = make_cron(slow)
+    cron.add("once", Job(due_time="0s"))
+    cron.start()
+    assert started.wait(10)
+    stopper = threading.Thread(target=cron.stop, kwargs={"timeout": 10})
+    stopper.start()
+    wait_until(lambda: cron.state is CronState.STOPPING, 5)
+    release.set()
+    stopper.join(15)
+
+    observer = make_cron(calls.add)
+    assert observer.get("once") is None  # recorded (and so deleted) before stop() returned
