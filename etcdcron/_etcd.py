@@ -291,16 +291,25 @@ class EtcdClient:
     # -- auth ------------------------------------------------------------------------------------
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The metadata for the next call: the base metadata plus the current auth token."""
+        """The metadata for the next call: the base metadata plus the current auth token.
+
+        :raises grpc.RpcError: if etcd could not be reached to authenticate (transient).
+        :raises EtcdError: if etcd refused the user name or password.
+        """
         if self._user is None:
             return self._base_metadata
         with self._token_lock:
             if self._token is None:
                 # Plain metadata, not call credentials: those are refused on plaintext channels.
-                response = self._auth.Authenticate(
-                    rpc.AuthenticateRequest(name=self._user, password=self._password or ""),
-                    timeout=self.request_timeout,
-                )
+                try:
+                    response = self._auth.Authenticate(
+                        rpc.AuthenticateRequest(name=self._user, password=self._password or ""),
+                        timeout=self.request_timeout,
+                    )
+                except grpc.RpcError as exc:
+                    if is_transient(exc):
+                        raise
+                    raise wrap_rpc_error(exc, f"authentication as {self._user!r}") from exc
                 self._token = response.token
                 self._token_generation += 1
             return self._base_metadata + (("token", self._token),)

@@ -161,10 +161,11 @@ class LeaseKeeper:
         interval = self._ttl / 3
         backoff = Backoff(cap=1.0)
         while not self._stop.is_set():
-            stream = self._client.keepalive(lease_id)
-            with self._lock:
-                self._stream = stream
+            stream = None
             try:
+                stream = self._client.keepalive(lease_id)
+                with self._lock:
+                    self._stream = stream
                 stream.send()
                 for sent_at, ttl in stream:
                     if ttl <= 0:
@@ -186,8 +187,11 @@ class LeaseKeeper:
                 if self._stop.is_set():
                     return
                 self._log.info("lease keepalive stream broke (%s)", exc.code())
+            except EtcdError as exc:
+                self._log.warning("lease keepalive could not start: %s", exc)
             finally:
-                stream.cancel()
+                if stream is not None:
+                    stream.cancel()
             if not self.valid():
                 self._lose(lease_id, "no keepalive was acknowledged within its TTL")
                 return

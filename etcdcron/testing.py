@@ -99,14 +99,17 @@ class EtcdServer:
     :param client_port: the client port (default: a free one).
     :param peer_port: the peer port (default: a free one).
     :param initial_cluster: ``name=peer-url`` pairs for a multi-member cluster (default: alone).
+    :param tls: ``(cert file, key file, CA file)``: serve clients over TLS with this
+        certificate, and require client certificates signed by the CA.
     :param extra_args: more etcd flags.
     """
 
     def __init__(self, *, binary: str | None = None, name: str = "etcd0",
                  client_port: int | None = None, peer_port: int | None = None,
                  initial_cluster: str | None = None, cluster_token: str = "etcdcron-test",
-                 extra_args: Sequence[str] = ()):
+                 tls: tuple[str, str, str] | None = None, extra_args: Sequence[str] = ()):
         self.binary = find_etcd(binary)
+        self.tls = tls
         self.name = name
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -126,7 +129,8 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -156,6 +160,7 @@ class EtcdServer:
             f"--initial-cluster={self.initial_cluster}",
             f"--initial-cluster-state={state}",
             f"--initial-cluster-token={self.cluster_token}",
+            *self._tls_args(),
             *self.extra_args,
         ]
         self._log_file = open(self.log_path, "ab")
@@ -164,6 +169,23 @@ class EtcdServer:
         if wait:
             self.wait_healthy(timeout)
         return self
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key, ca = self.tls
+        return [f"--cert-file={cert}", f"--key-file={key}", f"--trusted-ca-file={ca}",
+                "--client-cert-auth"]
+
+    def _health_context(self):
+        if not self.tls:
+            return None
+        import ssl
+
+        cert, key, ca = self.tls
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(cert, key)  # etcd requires a client certificate
+        return context
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Wait until ``/health`` answers healthy.
@@ -176,7 +198,8 @@ class EtcdServer:
                 raise RuntimeError(f"etcd {self.name} exited with {self.process.returncode}:\n"
                                    f"{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.client_url + "/health", timeout=1) as response:
+                with urllib.request.urlopen(self.client_url + "/health", timeout=1,
+                                            context=self._health_context()) as response:
                     if b'"true"' in response.read():
                         return
             except (urllib.error.URLError, OSError):
@@ -271,6 +294,25 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    def leader(self) -> EtcdServer:
+        """The member that is the raft leader now."""
+        from etcd3.etcdrpc import rpc_pb2
+
+        from etcdcron._etcd import EtcdClient
+
+        for member in self.members:
+            if not member.running():
+                continue
+            client = EtcdClient(member.endpoint, request_timeout=5)
+            try:
+                status = client.call(client._maintenance.Status, rpc_pb2.StatusRequest(),
+                                     "status")
+            finally:
+                client.close()
+            if status.leader == status.header.member_id:
+                return member
+        raise RuntimeError("no running member is the leader")
 
     def start(self, timeout: float = 60.0) -> EtcdCluster:
         for member in self.members:
