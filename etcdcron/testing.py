@@ -12,6 +12,9 @@ Example::
     with EtcdServer() as etcd:
         cron = Cron(endpoints=etcd.endpoint, namespace="t", trigger=print)
 
+For local development, ``python -m etcdcron.testing`` runs one on 127.0.0.1:2379 (``--port``
+to change it) until Ctrl-C or SIGTERM, then removes its data.
+
 Fault injection: :meth:`EtcdServer.kill`, :meth:`~EtcdServer.restart` (same data, same port),
 :meth:`~EtcdServer.pause` / :meth:`~EtcdServer.resume` (SIGSTOP / SIGCONT), and
 :class:`EtcdCluster` for a 3-member cluster whose members can be killed one at a time.
@@ -19,12 +22,14 @@ Fault injection: :meth:`EtcdServer.kill`, :meth:`~EtcdServer.restart` (same data
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -336,3 +341,23 @@ class EtcdCluster:
 def _close_all() -> None:
     for server in list(_live_servers):
         server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a throwaway etcd in the foreground until Ctrl-C or SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m etcdcron.testing",
+                                     description="Run a throwaway etcd on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=2379, help="client port (default 2379)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with EtcdServer(client_port=args.port) as server:
+        print(f"etcd listening on {server.endpoint} (pid {server.pid}, data in "
+              f"{server.data_dir}); Ctrl-C stops it", flush=True)
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
