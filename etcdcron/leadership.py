@@ -65,6 +65,12 @@ __all__ = ["LeaseKeeper", "LeaderWatch", "Elector", "ElectionState", "lease_marg
 log = logging.getLogger(__name__)
 
 
+#: Seconds a replica waits after the latest membership change before acknowledging it, so that a
+#: burst of joins (a deployment starting many workers) costs one rebalance, not one per join.
+#: Sessions still end at once on any change; only the new election waits.
+SETTLE = 0.3
+
+
 def lease_margin(ttl: float) -> float:
     """Seconds before the lease's end at which this replica stops trusting it."""
     return min(2.0, ttl * 0.2)
@@ -341,6 +347,8 @@ class Elector:
         self._synced = False
         self._watched_revision = 0
         self._change_revision = 0
+        self._changed_at = 0.0  # monotonic time the change revision last moved
+        self._wake_at: float | None = None  # monotonic time the loop must evaluate again
         self._claim: _Claim | None = None
         self._ownership_membership: tuple = ()
         self._epoch = 0
@@ -399,7 +407,11 @@ class Elector:
     def _run(self) -> None:
         try:
             while not self._halt.is_set():
-                timeout = max(0.01, min(1.0, self._lease.valid_for())) if self._claim else 1.0
+                timeout = min(1.0, self._lease.valid_for()) if self._claim else 1.0
+                if self._wake_at is not None:
+                    timeout = min(timeout, self._wake_at - time.monotonic())
+                    self._wake_at = None
+                timeout = max(0.01, timeout)
                 try:
                     message = self._inbox.get(timeout=timeout)
                 except queue.Empty:
@@ -428,7 +440,7 @@ class Elector:
             _, kvs, revision = message
             self._members = {kv.key: self._member(kv) for kv in kvs}
             created = [m.create_revision for m in self._members.values()]
-            self._change_revision = max([self._change_revision, *created])
+            self._changed(max([self._change_revision, *created]))
             self._watched_revision = revision
             self._synced = True
         elif kind == "events":
@@ -436,12 +448,17 @@ class Elector:
                 kv = event.kv
                 if event.type == event.DELETE:
                     self._members.pop(kv.key, None)
-                    self._change_revision = max(self._change_revision, kv.mod_revision)
+                    self._changed(kv.mod_revision)
                 else:
                     self._members[kv.key] = self._member(kv)
                     if kv.version == 1:
-                        self._change_revision = max(self._change_revision, kv.create_revision)
+                        self._changed(kv.create_revision)
                 self._watched_revision = max(self._watched_revision, kv.mod_revision)
+
+    def _changed(self, revision: int) -> None:
+        if revision > self._change_revision:
+            self._change_revision = revision
+            self._changed_at = time.monotonic()
 
     @staticmethod
     def _member(kv) -> _Member:
@@ -551,6 +568,10 @@ class Elector:
                 return
             self._end_session(f"membership changed to {total} replica(s)")
         if mine.record.total != total or mine.mod_revision < self._change_revision:
+            settled_at = self._changed_at + SETTLE
+            if time.monotonic() < settled_at:
+                self._wake_at = settled_at
+                return
             # Acknowledge the change (after draining): write our key again with the new total.
             response = self._client.txn(
                 [cmp_create(self._key, self._claim.create_revision)],

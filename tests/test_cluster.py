@@ -318,3 +318,29 @@ def test_counter_gc_deletes_orphaned_and_stale_counters(make_cron, fired, client
     wait_until(lambda: counters() == ["live", "undecodable"], 15,
                message=lambda: f"garbage gone (have {len(counters())})")
     wait_until(lambda: cron._collector.deleted == 151, 5)
+
+
+def test_a_rolling_start_of_ten_replicas_costs_one_rebalance(make_cron, fired, client,
+                                                            namespace, monkeypatch):
+    """Joins close together are acknowledged together: about one leadership write per replica
+    to claim and one to acknowledge, not one acknowledgement per replica per join."""
+    from etcdcron import leadership
+
+    monkeypatch.setattr(leadership, "SETTLE", 2.0)  # wide enough for a loaded machine
+    keys = Keys(namespace)
+    start = client.current_revision()
+    crons = []
+    for i in range(10):
+        (cron,) = start_replicas(make_cron, fired, [f"r{i}"])
+        crons.append(cron)
+        wait_until(lambda: client.get(keys.leader(f"r{i}")) is not None, 10)
+    wait_all_elected(crons, 60)
+
+    stream = client.watch(keys.leadership, keys.leadership[:-1] + b"0", start + 1)
+    end, writes = client.current_revision(), 0
+    for events in stream:
+        writes += len(events)
+        if events[-1].kv.mod_revision >= end:
+            break
+    stream.cancel()
+    assert writes <= 2 * 10 + 2, writes  # 10 claims + one round of acknowledgements
