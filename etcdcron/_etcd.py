@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import queue
 import random
 import threading
@@ -251,8 +252,9 @@ class EtcdClient:
         self.request_timeout = request_timeout
         self._owns_channel = channel is None
         if channel is None:
-            channel = self._open_channel(endpoints, ca_cert, cert_key, cert_cert)
+            channel = _channels.acquire(endpoints, ca_cert, cert_key, cert_cert)
         self.channel = channel
+        self._closed = False
         self._kv = rpc_grpc.KVStub(channel)
         self._watch = rpc_grpc.WatchStub(channel)
         self._lease = rpc_grpc.LeaseStub(channel)
@@ -265,28 +267,11 @@ class EtcdClient:
         self._token: str | None = None
         self._token_generation = 0
 
-    @staticmethod
-    def _open_channel(endpoints, ca_cert, cert_key, cert_cert) -> grpc.Channel:
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e.strip()]
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        target, tls, override = build_target(endpoints)
-        options = list(_CHANNEL_OPTIONS)
-        if len(endpoints) > 1:
-            options.append(("grpc.lb_policy_name", "pick_first"))
-        if tls or ca_cert or cert_cert:
-            root = _read(ca_cert)
-            key, chain = _read(cert_key), _read(cert_cert)
-            credentials = grpc.ssl_channel_credentials(root, key, chain)
-            if override:
-                options.append(("grpc.ssl_target_name_override", override))
-            return grpc.secure_channel(target, credentials, options=options)
-        return grpc.insecure_channel(target, options=options)
-
     def close(self) -> None:
-        if self._owns_channel:
-            self.channel.close()
+        """Release the channel (closed once no client of this process uses it). Idempotent."""
+        if self._owns_channel and not self._closed:
+            self._closed = True
+            _channels.release(self.channel)
 
     # -- auth ------------------------------------------------------------------------------------
 
@@ -438,6 +423,63 @@ class EtcdClient:
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         return WatchStream(self, key, range_end, start_revision)
+
+
+def _open_channel(endpoints: Sequence[str], ca_cert, cert_key, cert_cert) -> grpc.Channel:
+    target, tls, override = build_target(endpoints)
+    options = list(_CHANNEL_OPTIONS)
+    if len(endpoints) > 1:
+        options.append(("grpc.lb_policy_name", "pick_first"))
+    if tls or ca_cert or cert_cert:
+        root = _read(ca_cert)
+        key, chain = _read(cert_key), _read(cert_cert)
+        credentials = grpc.ssl_channel_credentials(root, key, chain)
+        if override:
+            options.append(("grpc.ssl_target_name_override", override))
+        return grpc.secure_channel(target, credentials, options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
+class _ChannelPool:
+    """One gRPC channel per (endpoints, TLS files) in this process, shared by every client.
+
+    A process that runs several :class:`~etcdcron.Cron` (threads of a web worker, tests) then
+    holds one connection and one gRPC polling thread instead of one per Cron. Channels are
+    reference counted, and keyed by process id too, so a forked child never uses its parent's.
+    """
+
+    def __init__(self):
+        # Guards _entries: key -> [channel, users].
+        self._lock = threading.Lock()
+        self._entries: dict[tuple, list] = {}
+
+    def acquire(self, endpoints, ca_cert, cert_key, cert_cert) -> grpc.Channel:
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        endpoints = [e.strip() for e in endpoints]
+        if not endpoints:
+            raise ValueError("no etcd endpoints given")
+        key = (os.getpid(), tuple(endpoints), ca_cert, cert_key, cert_cert)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [
+                    _open_channel(endpoints, ca_cert, cert_key, cert_cert), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, channel: grpc.Channel) -> None:
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry[0] is channel:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del self._entries[key]
+                        channel.close()
+                    return
+
+
+_channels = _ChannelPool()
 
 
 def _read(path: str | None) -> bytes | None:

@@ -274,3 +274,23 @@ def test_stop_records_the_results_of_triggers_in_flight(make_cron, calls):
 
     observer = make_cron(calls.add)
     assert observer.get("once") is None  # recorded (and so deleted) before stop() returned
+
+
+def test_crons_of_one_process_share_a_channel_until_the_last_one_stops(make_cron, calls,
+                                                                       monkeypatch):
+    from etcdcron import _etcd
+
+    first, second = make_cron(calls.add), make_cron(calls.add)
+    assert first._client.channel is second._client.channel
+    other = make_cron(calls.add, endpoints=["127.0.0.1:1", "127.0.0.1:2"])
+    assert other._client.channel is not first._client.channel
+
+    first.stop()
+    second.add("still-open", Job(due_time="1h"))  # the shared channel survives first.stop()
+    monkeypatch.setattr(_etcd.os, "getpid", lambda: -1)  # as in a forked child
+    child = make_cron(calls.add)
+    assert child._client.channel is not second._client.channel
+    second.stop()
+    child.stop()
+    with pytest.raises(ValueError):  # closed: no user left
+        second._client.channel.unary_unary("/x")(b"", timeout=1)
