@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -31,10 +30,9 @@ except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from etcdcron import Cron, Job
-from etcdcron._etcd import EtcdClient, op_put
+from etcdcron._etcd import EtcdClient
 from etcdcron.keys import Keys, prefix_end
-from etcdcron.testing import EtcdServer, wait_until
-from etcdcron.validation import prepare_job
+from etcdcron.testing import EtcdServer, bulk_add, wait_until
 
 FULL = dict(pastdue=10_000, pastdue_runs=3, adds=2_000, steady_jobs=1_000, steady_secs=10,
             memory_jobs=10_000)
@@ -48,15 +46,13 @@ def fresh_namespace(what: str) -> str:
     return f"bench-{os.getpid()}-{next(_namespaces)}-{what}"
 
 
-def bulk_write(client: EtcdClient, namespace: str, jobs: dict, batch: int = 100) -> None:
-    """Write many jobs fast: the records ``Cron.add`` writes, 100 per transaction."""
-    keys = Keys(namespace)
-    now = datetime.now(timezone.utc)
-    items = list(jobs.items())
-    for start in range(0, len(items), batch):
-        ops = [op_put(keys.job(name), prepare_job(name, job, now).SerializeToString())
-               for name, job in items[start:start + batch]]
-        client.txn([], ops)
+def bulk_write(etcd: EtcdServer, namespace: str, jobs: dict) -> None:
+    """Write many jobs fast (``etcdcron.testing.bulk_add``: 100 per transaction)."""
+    writer = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=print)
+    try:
+        bulk_add(writer, jobs)
+    finally:
+        writer.stop()
 
 
 def job_count(client: EtcdClient, namespace: str) -> int:
@@ -102,7 +98,7 @@ class Warnings(logging.Handler):
 
 def pastdue_once(etcd: EtcdServer, client: EtcdClient, n: int, workers: int | None) -> tuple:
     namespace = fresh_namespace(f"pastdue-w{workers or 'default'}")
-    bulk_write(client, namespace, {f"job-{i}": Job(due_time="0s") for i in range(n)})
+    bulk_write(etcd, namespace, {f"job-{i}": Job(due_time="0s") for i in range(n)})
     calls = Calls()
     cron = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=calls.trigger,
                 workers=workers)
@@ -177,7 +173,7 @@ def bench_steady(etcd: EtcdServer, client: EtcdClient, size: dict, summary: list
     namespace = fresh_namespace("steady")
     first = math.ceil(time.time()) + 4      # tick k of every job is due at first + k
     due = datetime.fromtimestamp(first, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    bulk_write(client, namespace,
+    bulk_write(etcd, namespace,
                {f"job-{i}": Job(schedule="@every 1s", due_time=due) for i in range(n)})
     calls = Calls()
     warnings = Warnings("steady")
@@ -257,7 +253,7 @@ def memory_child(endpoint: str, namespace: str, n: int) -> None:
 def rss_growth(etcd: EtcdServer, client: EtcdClient, n: int) -> dict:
     """RSS of a fresh replica process before start() and with ``n`` future jobs loaded."""
     namespace = fresh_namespace(f"memory-{n}")
-    bulk_write(client, namespace, {f"job-{i}": Job(due_time="1h") for i in range(n)})
+    bulk_write(etcd, namespace, {f"job-{i}": Job(due_time="1h") for i in range(n)})
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--memory-child", etcd.endpoint, namespace,
          str(n)], capture_output=True, text=True, timeout=180)

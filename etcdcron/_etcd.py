@@ -400,6 +400,13 @@ class EtcdClient:
                 return
             key = response.kvs[-1].key + b"\0"
 
+    def list_prefix(self, prefix: bytes, *, revision: int = 0, **kw) -> tuple[int, list]:
+        """Every key under ``prefix`` at one revision, read page by page: ``(revision, kvs)``."""
+        kvs: list = []
+        for revision, page in self.iter_prefix(prefix, revision=revision, **kw):
+            kvs.extend(page)
+        return revision, kvs
+
     # -- leases ----------------------------------------------------------------------------------
 
     def lease_grant(self, ttl: int, **kw) -> tuple[int, int]:

@@ -102,17 +102,16 @@ class CounterCollector:
     def sweep(self) -> int:
         """Delete the garbage counters of the namespace; returns how many were deleted."""
         kw = {"stop": self._stop, "forever": True}
-        jobs, revision = {}, 0
-        for revision, kvs in self._client.iter_prefix(self._keys.jobs, **kw):
-            for kv in kvs:
-                try:
-                    partition_id = decode_job(kv.value).partition_id
-                except DecodeError:
-                    partition_id = None
-                jobs[self._keys.job_name(kv.key)] = (partition_id, kv.mod_revision)
-        counters = []
-        for _, kvs in self._client.iter_prefix(self._keys.counters, revision=revision, **kw):
-            counters.extend((self._keys.counter_name(kv.key), kv) for kv in kvs)
+        revision, job_kvs = self._client.list_prefix(self._keys.jobs, **kw)
+        jobs = {}
+        for kv in job_kvs:
+            try:
+                partition_id = decode_job(kv.value).partition_id
+            except DecodeError:
+                partition_id = None
+            jobs[self._keys.job_name(kv.key)] = (partition_id, kv.mod_revision)
+        _, counter_kvs = self._client.list_prefix(self._keys.counters, revision=revision, **kw)
+        counters = [(self._keys.counter_name(kv.key), kv) for kv in counter_kvs]
         garbage = find_garbage(jobs, counters)
         deleted = 0
         for start in range(0, len(garbage), MAX_BATCH):

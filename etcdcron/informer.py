@@ -100,12 +100,8 @@ class Informer:
     def _load(self, ownership: Ownership) -> int:
         """List jobs and counters at one revision and hand them to the engine; return it."""
         kw = {"stop": self._stop, "forever": True}
-        jobs, revision = [], 0
-        for revision, kvs in self._client.iter_prefix(self._keys.jobs, **kw):
-            jobs.extend(kvs)
-        counters = {}
-        for _, kvs in self._client.iter_prefix(self._keys.counters, revision=revision, **kw):
-            for kv in kvs:
-                counters[self._keys.counter_name(kv.key)] = kv
+        revision, jobs = self._client.list_prefix(self._keys.jobs, **kw)
+        _, counter_kvs = self._client.list_prefix(self._keys.counters, revision=revision, **kw)
+        counters = {self._keys.counter_name(kv.key): kv for kv in counter_kvs}
         self._engine.load(ownership, jobs, counters, revision)
         return revision

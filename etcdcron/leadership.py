@@ -244,10 +244,7 @@ class LeaderWatch:
         backoff = Backoff(cap=5.0)
         while not self._stop.is_set():
             try:
-                kvs, revision = [], 0
-                for revision, page in self._client.iter_prefix(prefix, stop=self._stop,
-                                                               forever=True):
-                    kvs.extend(page)
+                revision, kvs = self._client.list_prefix(prefix, stop=self._stop, forever=True)
                 self._deliver(("snapshot", kvs, revision))
                 stream = self._client.watch(prefix, prefix_end(prefix), revision + 1)
                 with self._lock:

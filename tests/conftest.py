@@ -11,15 +11,12 @@ import re
 import threading
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
 
 import pytest
 
 from etcdcron import Cron
-from etcdcron._etcd import EtcdClient, op_put
-from etcdcron.keys import Keys
+from etcdcron._etcd import EtcdClient
 from etcdcron.testing import EtcdServer, wait_until
-from etcdcron.validation import prepare_job
 
 _servers: list[EtcdServer] = []
 _namespaces = itertools.count(1)
@@ -128,6 +125,12 @@ def make_cron(etcd, namespace):
 
 
 @pytest.fixture
+def producer(make_cron):
+    """A Cron that is never started: it only adds and reads jobs."""
+    return make_cron(print)
+
+
+@pytest.fixture
 def cron(make_cron, calls):
     """A started single replica whose trigger records into ``calls`` and succeeds."""
     c = make_cron(calls.add)
@@ -135,13 +138,3 @@ def cron(make_cron, calls):
     assert c.wait_elected(10)
     return c
 
-
-def bulk_add(client: EtcdClient, namespace: str, jobs: dict, batch: int = 100) -> None:
-    """Write many jobs fast, 100 per transaction (what ``Cron.add`` does, minus a round trip each)."""
-    keys = Keys(namespace)
-    now = datetime.now(timezone.utc)
-    items = list(jobs.items())
-    for start in range(0, len(items), batch):
-        ops = [op_put(keys.job(name), prepare_job(name, job, now).SerializeToString())
-               for name, job in items[start:start + batch]]
-        client.txn([], ops)

@@ -14,8 +14,7 @@ from google.protobuf.any_pb2 import Any
 from etcdcron import ElectionState, Job
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
-from etcdcron.testing import wait_until
-from tests.conftest import bulk_add
+from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster]
 
@@ -83,11 +82,11 @@ def test_three_replicas_share_100_one_shots_each_fired_once(make_cron, fired):
 
 @pytest.mark.slow
 def test_scale_up_from_3_to_5_while_jobs_run_keeps_exactly_5_triggers(make_cron, fired,
-                                                                      client, namespace):
+                                                                      producer):
     crons = start_replicas(make_cron, fired, ["r1", "r2", "r3"])
     wait_all_elected(crons)
     names = [f"job-{i:03d}" for i in range(100)]
-    bulk_add(client, namespace, {n: Job(schedule="@every 1s", repeats=5) for n in names})
+    bulk_add(producer, {n: Job(schedule="@every 1s", repeats=5) for n in names})
     wait_until(lambda: fired.total() >= 150, 20)  # well into the run
 
     crons += start_replicas(make_cron, fired, ["r4", "r5"])
@@ -99,11 +98,11 @@ def test_scale_up_from_3_to_5_while_jobs_run_keeps_exactly_5_triggers(make_cron,
 
 
 @pytest.mark.slow
-def test_scale_down_from_5_to_3_every_job_completes(make_cron, fired, client, namespace):
+def test_scale_down_from_5_to_3_every_job_completes(make_cron, fired, producer):
     crons = start_replicas(make_cron, fired, ["r1", "r2", "r3", "r4", "r5"])
     wait_all_elected(crons)
     names = [f"job-{i:03d}" for i in range(100)]
-    bulk_add(client, namespace, {n: Job(schedule="@every 1s", repeats=5) for n in names})
+    bulk_add(producer, {n: Job(schedule="@every 1s", repeats=5) for n in names})
     wait_until(lambda: fired.total() >= 150, 20)
 
     crons[3].stop()
@@ -168,7 +167,7 @@ def test_replica_data_reaches_on_leadership_after_each_join_and_leave(make_cron,
     assert b.is_elected()
 
 
-def test_consumer_sink_follows_ownership_across_elections(make_cron, fired, client, namespace):
+def test_consumer_sink_follows_ownership_across_elections(make_cron, fired, producer):
     events: dict[str, list] = defaultdict(list)
     lock = threading.Lock()
 
@@ -193,7 +192,7 @@ def test_consumer_sink_follows_ownership_across_elections(make_cron, fired, clie
         return jobs
 
     names = {f"job-{i:02d}" for i in range(20)}
-    bulk_add(client, namespace, {n: Job(due_time="1h") for n in names})
+    bulk_add(producer, {n: Job(due_time="1h") for n in names})
     a = make_cron(fired.trigger_for("a"), replica_id="a", consumer_sink=sink_for("a"))
     a.start()
     wait_until(lambda: owned("a") == names, 10)
@@ -313,7 +312,7 @@ def test_counter_gc_deletes_orphaned_and_stale_counters(make_cron, fired, client
 
     def counters():
         return sorted(keys.counter_name(kv.key)
-                      for _, kvs in client.iter_prefix(keys.counters) for kv in kvs)
+                      for kv in client.list_prefix(keys.counters)[1])
 
     wait_until(lambda: counters() == ["live", "undecodable"], 15,
                message=lambda: f"garbage gone (have {len(counters())})")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from etcdcron import Cron, Job
-from etcdcron.testing import wait_until
-from tests.conftest import bulk_add
+from etcdcron import Job
+from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
 
@@ -81,13 +80,6 @@ def spawn(etcd, namespace, tmp_path):
         replica.close()
 
 
-@pytest.fixture
-def producer(etcd, namespace):
-    cron = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=print)
-    yield cron
-    cron.stop()
-
-
 def wait_settled(replicas: list[Replica], timeout: float = 60) -> None:
     """Every replica has been elected with all of them as members."""
     wait_until(lambda: all(r.leaders() == len(replicas) for r in replicas), timeout,
@@ -100,13 +92,12 @@ def all_fired(replicas: list[Replica], since: float = 0.0) -> Counter:
 
 
 @pytest.mark.parametrize("lease_ttl", [3, 20])
-def test_sigkill_failover_within_the_lease_ttl_and_no_tick_skipped(spawn, producer, client,
-                                                                   namespace, lease_ttl):
+def test_sigkill_failover_within_the_lease_ttl_and_no_tick_skipped(spawn, producer, lease_ttl):
     replicas = spawn(3, lease_ttl=lease_ttl)
     wait_settled(replicas)
     repeats = int((lease_ttl + 12) / 0.5)
     names = [f"job-{i:02d}" for i in range(60)]
-    bulk_add(client, namespace, {n: Job(schedule="@every 500ms", repeats=repeats) for n in names})
+    bulk_add(producer, {n: Job(schedule="@every 500ms", repeats=repeats) for n in names})
     victim, survivors = replicas[0], replicas[1:]
     wait_until(lambda: len(all_fired(replicas)) == len(names), 20, message="every job to start")
     victim_jobs = {n for _, n in victim.fired()}
@@ -139,13 +130,13 @@ def test_sigkill_failover_within_the_lease_ttl_and_no_tick_skipped(spawn, produc
         assert repeats <= counts[name] <= repeats + 1, (name, counts[name])
 
 
-def test_sigstop_past_the_lease_fires_nothing_on_waking(spawn, producer, client, namespace):
+def test_sigstop_past_the_lease_fires_nothing_on_waking(spawn, producer):
     replicas = spawn(3, lease_ttl=3)
     wait_settled(replicas)
     victim, survivors = replicas[0], replicas[1:]
     names = [f"shot-{i:02d}" for i in range(60)]
     due = {n: f"{2000 + 100 * i}ms" for i, n in enumerate(names)}  # over 2 .. 8 s from now
-    bulk_add(client, namespace, {n: Job(due_time=due[n]) for n in names})
+    bulk_add(producer, {n: Job(due_time=due[n]) for n in names})
 
     stopped_at = time.time()
     victim.signal(signal.SIGSTOP)

@@ -28,7 +28,7 @@ def etcdcron_threads() -> list[str]:
 
 
 def leadership_keys(client, namespace: str) -> list:
-    return [kv for _, kvs in client.iter_prefix(Keys(namespace).leadership) for kv in kvs]
+    return client.list_prefix(Keys(namespace).leadership)[1]
 
 
 def test_start_is_non_blocking_idempotent_and_stop_joins_every_thread(make_cron, calls):

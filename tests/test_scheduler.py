@@ -23,8 +23,8 @@ from etcdcron import (
 )
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
-from etcdcron.testing import wait_until
-from tests.conftest import Calls, bulk_add
+from etcdcron.testing import bulk_add, wait_until
+from tests.conftest import Calls
 
 pytestmark = pytest.mark.etcd
 
@@ -425,10 +425,9 @@ def test_deleting_a_job_while_its_trigger_runs(make_cron, calls, client, namespa
     assert client.get(Keys(namespace).counter("slow")) is None
 
 
-def test_10000_past_due_one_shots_fire_once_with_bounded_threads(make_cron, calls, client,
-                                                               namespace):
+def test_10000_past_due_one_shots_fire_once_with_bounded_threads(make_cron, calls, producer):
     names = [f"job-{i:05d}" for i in range(10_000)]
-    bulk_add(client, namespace, {n: Job(due_time="0s") for n in names})
+    bulk_add(producer, {n: Job(due_time="0s") for n in names})
     before = threading.active_count()
     peak = [before]
 

@@ -20,7 +20,7 @@ from etcdcron import (
 )
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
-from tests.conftest import bulk_add
+from etcdcron.testing import bulk_add
 
 pytestmark = pytest.mark.etcd
 
@@ -36,8 +36,8 @@ def crud(make_cron):
 
 
 def stored_keys(client, namespace: str) -> list[bytes]:
-    return sorted(kv.key for _, kvs in client.iter_prefix(f"{namespace}/".encode(),
-                                                           keys_only=True) for kv in kvs)
+    return sorted(kv.key for kv in client.list_prefix(f"{namespace}/".encode(),
+                                                      keys_only=True)[1])
 
 
 def test_add_get_round_trip_with_default_failure_policy(crud):
@@ -121,9 +121,9 @@ def test_list_is_sorted_without_namespace_and_filters_by_prefix(crud):
     assert all(isinstance(j, NamedJob) and j.job.due_time == "1h" for j in crud.list())
 
 
-def test_list_pages_through_more_than_one_page(crud, client, namespace):
+def test_list_pages_through_more_than_one_page(crud):
     names = [f"job-{i:05d}" for i in range(2345)]
-    bulk_add(client, namespace, {n: Job(due_time="1h") for n in names})
+    bulk_add(crud, {n: Job(due_time="1h") for n in names})
 
     listed = crud.list()
 

@@ -41,3 +41,16 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is as good as gone
         return stat.read().split(") ")[1][0] != "Z"
+
+
+def test_bulk_add_writes_every_job_or_none(make_cron):
+    from etcdcron import ValidationError
+    from etcdcron.testing import bulk_add
+
+    cron = make_cron(print)
+    with pytest.raises(ValidationError, match="'bad/name'"):
+        bulk_add(cron, {"ok": Job(due_time="1h"), "bad/name": Job(due_time="1h")})
+    assert cron.list() == []
+
+    bulk_add(cron, {f"job-{i:03d}": Job(due_time="1h") for i in range(250)}, batch=100)
+    assert [j.name for j in cron.list()] == [f"job-{i:03d}" for i in range(250)]
