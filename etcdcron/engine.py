@@ -128,13 +128,10 @@ class Engine:
             drained = self._drained.wait_for(lambda: self.index.running == 0, timeout)
             if not drained:
                 self._log.warning("%d triggers still running after %.1fs; their results will be "
-                            "ignored", self.index.running, timeout)
+                                  "ignored", self.index.running, timeout)
             self.index.clear_locked()
         self._send(api_pb2.InformerEvent(drop_all=api_pb2.InformerEventDropAll()))
         return drained
-
-    def is_active(self) -> bool:
-        return self.index.ownership is not None
 
     # -- informer thread -------------------------------------------------------------------------
 
@@ -246,7 +243,7 @@ class Engine:
     def _run(self, name: str, token: int) -> None:
         with self.index.lock:
             state = self.index.get_locked(name, token)
-            if state is None or state.phase is not Phase.RUNNING:
+            if state is None or state.phase is not Phase.RUNNING or state.next is None:
                 return
             ownership = self.index.ownership
             if ownership is None or not self._lease_valid(ownership.lease_generation):
@@ -405,7 +402,7 @@ class Engine:
         if not job_kvs or job_kvs[0].mod_revision != state.mod_revision:
             return False
         self._log.info("counter of job %r was changed by another writer; continuing from it",
-                 state.name)
+                       state.name)
         counter = (decode_counter(counter_kvs[0].value, state.name, self._log)
                    if counter_kvs else None)
         if counter is None or counter.job_partition_id != state.record.partition_id:

@@ -470,7 +470,7 @@ class Elector:
         if self._ownership is None:
             return
         self._log.info("replica %r: leaving partition(s) %s of %d: %s", self.replica_id,
-                 sorted(self._ownership.indices), self._ownership.total, why)
+                       sorted(self._ownership.indices), self._ownership.total, why)
         self._deactivate()
         self._set_state(ElectionState.WAITING if self._claim else ElectionState.CLAIMING)
 
@@ -492,13 +492,13 @@ class Elector:
         if self._claim is None or self._claim.generation != generation:
             self._end_session("new lease")
             self._claim = None
-            if not self._claim_key(lease_id, generation):
-                return
+            self._claim_key(lease_id, generation)
+            return  # the watch will show the key (or its holder) and wake us
         mine = self._members.get(self._key)
         if mine is None or mine.create_revision != self._claim.create_revision:
             if self._watched_revision >= self._claim.mod_revision:
                 self._log.warning("replica %r: its leadership key was deleted; claiming it again",
-                            self.replica_id)
+                                  self.replica_id)
                 self._end_session("leadership key deleted")
                 self._claim = None
                 self.wake()
@@ -519,28 +519,27 @@ class Elector:
         else:
             self._evaluate_dynamic(mine, lease_id)
 
-    def _claim_key(self, lease_id: int, generation: int) -> bool:
+    def _claim_key(self, lease_id: int, generation: int) -> None:
         if not self._synced:
-            return False
+            return
         holder = self._members.get(self._key)
         if holder is not None:
             self._log_once(logging.INFO, "replica id is held by another process; waiting "
                            "passively until it goes away")
             if self._state is not ElectionState.PASSIVE:
                 self._set_state(ElectionState.PASSIVE)
-            return False
+            return
         total = self._static[1] if self._static else len(self._members) + 1
         response = self._client.txn([cmp_create(self._key, 0)],
                                     [op_put(self._key, self._record(total), lease=lease_id)],
                                     stop=self._halt)
         if not response.succeeded:
-            return False  # somebody took it first; the watch will show who
+            return  # somebody took it first; the watch will show who
         revision = response.header.revision
         self._claim = _Claim(generation, revision, revision)
         self._logged.clear()
         self._log.info("replica %r: claimed leadership key %r", self.replica_id, self._key.decode())
         self._set_state(ElectionState.WAITING)
-        return False  # wait for the watch to show the key
 
     def _evaluate_static(self) -> None:
         partition_id, total = self._static
@@ -595,5 +594,5 @@ class Elector:
         self._activate(ownership)
         self._set_state(ElectionState.ELECTED, ownership)
         self._log.info("replica %r: elected for partition(s) %s of %d", self.replica_id,
-                 sorted(indices), total)
+                       sorted(indices), total)
         self._on_elected(ownership)

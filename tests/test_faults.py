@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 
 import pytest
 
@@ -102,3 +103,35 @@ def test_three_member_etcd_cluster_survives_losing_a_member(namespace, calls: Ca
             calls.wait("after", 1, timeout=20)
         finally:
             cron.stop(timeout=15)
+
+
+def test_a_watch_that_fell_behind_compaction_lists_again(own_etcd, replica, calls: Calls,
+                                                        caplog):
+    """While the informer is held up, jobs change, etcd compacts and restarts: the watch cannot
+    resume from its revision, so the informer lists again and reconciles."""
+    from etcdcron._etcd import EtcdClient
+
+    caplog.set_level(logging.INFO, logger="etcdcron")
+    replica.start()
+    assert replica.wait_elected(10)
+    replica.add("doomed", Job(due_time="3s"))
+    replica.add("kept", Job(due_time="3s"))
+    wait_until(lambda: replica._engine.index.names() == ["doomed", "kept"], 10)
+
+    client = EtcdClient(own_etcd.endpoint)
+    try:
+        with replica._engine.index.lock:  # the informer blocks on its next event
+            replica.delete("doomed")
+            replica.add("added", Job(due_time="0s"))
+            for i in range(5):
+                replica.add(f"churn-{i}", Job(due_time="1h"))
+            client.compact(client.current_revision())
+            own_etcd.restart()  # breaks the stream; it must resume from a compacted revision
+        calls.wait("added", 1, timeout=20)
+        calls.wait("kept", 1, timeout=20)
+        wait_until(lambda: replica.get("kept") is None, 10)
+    finally:
+        client.close()
+    assert calls.count("doomed") == 0
+    assert sorted(replica._engine.index.names()) == [f"churn-{i}" for i in range(5)]
+    assert "job watch fell behind compaction" in caplog.text

@@ -443,3 +443,26 @@ def test_10000_past_due_one_shots_fire_once_with_bounded_threads(make_cron, call
     # 8 workers + timer, recorder, watch, lease, leader watch, election, gc, and gRPC's stream
     # threads: a constant, not one per job.
     assert peak[0] - before <= 8 + 7 + 4
+
+
+def test_a_job_never_has_two_triggers_in_flight(make_cron, calls):
+    lock = threading.Lock()
+    running = {"now": 0, "max": 0}
+
+    def slow(req):
+        with lock:
+            running["now"] += 1
+            running["max"] = max(running["max"], running["now"])
+        calls.add(req)
+        threading.Event().wait(0.3)  # longer than the schedule's period
+        with lock:
+            running["now"] -= 1
+
+    cron = make_cron(slow, workers=8)
+    cron.start()
+    cron.add("slow", Job(schedule="@every 50ms", repeats=5))
+    wait_until(lambda: gone(cron, "slow"), 20)
+    assert calls.count("slow") == 5
+    assert running["max"] == 1
+    times = calls.times("slow")
+    assert all(b - a >= 0.3 for a, b in zip(times, times[1:]))  # each after the previous ended
