@@ -312,6 +312,8 @@ class Elector:
     :param deactivate: called before every rebalance and on stop; waits for triggers in flight.
     :param on_elected: called with the ownership after each election (the Cron queues the user's
         ``on_leadership`` from it).
+    :param stop: the Cron's stop event, which ends the leadership watch; the election itself
+        ends with :meth:`halt`.
     """
 
     def __init__(self, *, client: EtcdClient, keys: Keys, lease: LeaseKeeper, replica_id: str,
@@ -337,7 +339,6 @@ class Elector:
         # Guards _state and _ownership; notified on every state change.
         self._cond = threading.Condition(threading.Lock())
         self._state = ElectionState.CLAIMING
-        self._state_id = 0
         self._ownership: Ownership | None = None
         # Only the election thread touches the rest.
         self._members: dict[bytes, _Member] = {}
@@ -391,7 +392,6 @@ class Elector:
             if state is not self._state and state not in _TRANSITIONS[self._state]:
                 raise LifecycleError(f"election cannot go from {self._state.name} to {state.name}")
             self._state = state
-            self._state_id += 1
             self._ownership = ownership
             self._cond.notify_all()
 
