@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -207,8 +208,6 @@ def build_target(endpoints: Sequence[str]) -> tuple[str, bool, str | None]:
             ipaddress.ip_address(host)
             addresses.append((host, port))
         except ValueError:
-            import socket
-
             override = override or host
             for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
                 addresses.append((info[4][0], port))

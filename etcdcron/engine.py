@@ -137,21 +137,23 @@ class Engine:
 
     def load(self, ownership: Ownership, jobs: list, counters: dict, revision: int) -> None:
         """Take a full listing at ``revision``: load owned jobs, forget the ones not listed."""
+        owned = []  # decoded before taking the lock: the timer and workers wait on it
+        for kv in jobs:
+            name = self._keys.job_name(kv.key)
+            record = self._decode(name, kv.value)
+            if record is None or not ownership.owns(record.partition_id):
+                continue
+            counter_kv = counters.get(name)
+            counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
+            owned.append((name, record, kv.mod_revision, counter,
+                          counter_kv.mod_revision if counter_kv else 0))
+        listed = {entry[0] for entry in owned}
         arms: list = []
         with self.index.lock:
             if self.index.ownership is not ownership:
                 return
-            listed = set()
-            for kv in jobs:
-                name = self._keys.job_name(kv.key)
-                record = self._decode(name, kv.value)
-                if record is None or not ownership.owns(record.partition_id):
-                    continue
-                listed.add(name)
-                counter_kv = counters.get(name)
-                counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
-                state = self.index.put_locked(name, record, kv.mod_revision, counter,
-                                              counter_kv.mod_revision if counter_kv else 0)
+            for entry in owned:
+                state = self.index.put_locked(*entry)
                 if state is not None:
                     self._loaded_locked(state, ownership, arms)
             for name in self.index.names_locked():
