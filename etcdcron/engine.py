@@ -152,6 +152,7 @@ class Engine:
         with self.index.lock:
             if self.index.ownership is not ownership:
                 return
+            self.index.caught_up_locked(revision)
             for entry in owned:
                 state = self.index.put_locked(*entry)
                 if state is not None:
@@ -171,6 +172,7 @@ class Engine:
                 name = self._keys.job_name(event.kv.key)
                 if event.type == kv_pb2.Event.DELETE:
                     self._forget_locked(name)
+                    self.index.caught_up_locked(event.kv.mod_revision, name)
                     continue
                 record = self._decode(name, event.kv.value)
                 if record is None or not ownership.owns(record.partition_id):
@@ -383,6 +385,7 @@ class Engine:
                 inner = reply.response_txn
                 if inner.succeeded and plan.next is None:
                     self._forget_locked(name, token)
+                    self.index.mark_deleted_locked(name, response.header.revision)
                     continue
                 if inner.succeeded:
                     state.counter, state.counter_revision = plan.counter, response.header.revision

@@ -110,6 +110,10 @@ class JobIndex:
         # Guards _jobs and every JobState in it, and _ownership.
         self.lock = threading.Lock()
         self._jobs: dict[str, JobState] = {}
+        # Jobs this replica deleted itself (finished one-shots), by the revision of the delete,
+        # until the informer has caught up with it: a listing taken before that revision must
+        # not load them again.
+        self._deleted: dict[str, int] = {}
         self._ownership: Ownership | None = None
         self._tokens = itertools.count(1)
         #: How many jobs are RUNNING: triggered, their result not recorded yet.
@@ -126,6 +130,7 @@ class JobIndex:
 
     def clear_locked(self) -> None:
         self._jobs.clear()
+        self._deleted.clear()
         self.running = 0
 
     def set_phase_locked(self, state: JobState, phase: Phase) -> None:
@@ -165,6 +170,8 @@ class JobIndex:
         old = self._jobs.get(name)
         if old is not None and old.mod_revision == mod_revision:
             return None
+        if mod_revision <= self._deleted.get(name, 0):
+            return None  # a stale listing: this version is already deleted
         if old is not None and old.record.partition_id == record.partition_id:
             counter, counter_revision = old.counter, old.counter_revision
         elif counter is None or counter.job_partition_id != record.partition_id:
@@ -195,3 +202,16 @@ class JobIndex:
             self.set_phase_locked(state, Phase.IDLE)
             del self._jobs[name]
         return state
+
+    def mark_deleted_locked(self, name: str, revision: int) -> None:
+        """Remember that this replica deleted ``name`` at ``revision``."""
+        self._deleted[name] = max(revision, self._deleted.get(name, 0))
+
+    def caught_up_locked(self, revision: int, name: str | None = None) -> None:
+        """The informer has seen everything up to ``revision`` (of ``name`` only, if given):
+        forget the deletions it now knows about."""
+        if name is not None:
+            if self._deleted.get(name, revision + 1) <= revision:
+                del self._deleted[name]
+            return
+        self._deleted = {n: rev for n, rev in self._deleted.items() if rev > revision}

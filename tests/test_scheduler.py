@@ -466,3 +466,35 @@ def test_a_job_never_has_two_triggers_in_flight(make_cron, calls):
     assert running["max"] == 1
     times = calls.times("slow")
     assert all(b - a >= 0.3 for a, b in zip(times, times[1:]))  # each after the previous ended
+
+
+def test_a_listing_from_before_a_one_shot_finished_does_not_bring_it_back(make_cron, calls):
+    """After a watch falls behind compaction, the informer lists again, possibly at a revision
+    older than the delete that recorded a finished one-shot and before it has seen that delete.
+    Loading that listing must not bring the one-shot back and fire it again."""
+    release, resume = threading.Event(), threading.Event()
+
+    def held(req):
+        calls.add(req)
+        release.wait(10)
+
+    cron = make_cron(held)
+    cron.start()
+    cron.add("once", Job(due_time="0s"))
+    calls.wait("once", 1)
+    engine, client, keys = cron._engine, cron._client, cron._keys
+    revision, jobs = client.list_prefix(keys.jobs)  # taken while the trigger still runs
+    assert [keys.job_name(kv.key) for kv in jobs] == ["once"]
+
+    apply_events = engine.apply_events
+    engine.apply_events = lambda *args: (resume.wait(10), apply_events(*args))  # hold the watch
+    release.set()
+    wait_until(lambda: gone(cron, "once") and engine.index.names() == [], 10)
+    engine.load(engine.index.ownership, jobs, {}, revision)
+    loaded = engine.index.names()
+    resume.set()
+
+    assert loaded == []
+    cron.add("after", Job(due_time="0s"))  # fires after anything armed by the load would have
+    calls.wait("after", 1)
+    assert calls.count("once") == 1

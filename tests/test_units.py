@@ -697,6 +697,31 @@ def test_get_and_remove_check_the_token():
         assert index.remove_locked("job") is None
 
 
+def test_a_deleted_version_is_not_loaded_again_until_the_informer_caught_up():
+    index = JobIndex()
+    with index.lock:
+        state = index.put_locked("job", record(1), 10, None, 0)
+        index.remove_locked("job", state.token)
+        index.mark_deleted_locked("job", 15)
+        assert index.put_locked("job", record(1), 10, None, 0) is None  # a listing at < 15
+        assert index.put_locked("job", record(2), 16, None, 0) is not None  # re-added after
+        index.remove_locked("job")
+        index.caught_up_locked(14)  # not yet
+        assert index.put_locked("job", record(1), 10, None, 0) is None
+        index.caught_up_locked(15, "other")  # another job's delete
+        assert index.put_locked("job", record(1), 10, None, 0) is None
+        index.caught_up_locked(15, "job")
+        assert index.put_locked("job", record(1), 10, None, 0) is not None
+        index.remove_locked("job")
+        index.mark_deleted_locked("a", 20)
+        index.mark_deleted_locked("b", 30)
+        index.caught_up_locked(25)  # a listing at 25 knows of a's delete, not of b's
+        assert index.put_locked("a", record(1), 5, None, 0) is not None
+        assert index.put_locked("b", record(1), 5, None, 0) is None
+        index.clear_locked()  # a new session lists afresh
+        assert index.put_locked("b", record(1), 5, None, 0) is not None
+
+
 @pytest.mark.parametrize("partition_id, total, indices, owned", [
     (0, 1, {0}, True),
     (12345678901234567890, 1, {0}, True),
