@@ -172,7 +172,6 @@ class Engine:
                 name = self._keys.job_name(event.kv.key)
                 if event.type == kv_pb2.Event.DELETE:
                     self._forget_locked(name)
-                    self.index.caught_up_locked(event.kv.mod_revision, name)
                     continue
                 record = self._decode(name, event.kv.value)
                 if record is None or not ownership.owns(record.partition_id):
@@ -181,6 +180,7 @@ class Engine:
                 state = self.index.put_locked(name, record, event.kv.mod_revision, None, 0)
                 if state is not None:
                     self._loaded_locked(state, ownership, arms)
+            self.index.caught_up_locked(events[-1].kv.mod_revision)
         self.timer.arm_many(arms)
 
     def _decode(self, name: str, value: bytes) -> stored_pb2.Job | None:

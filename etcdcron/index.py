@@ -205,13 +205,10 @@ class JobIndex:
 
     def mark_deleted_locked(self, name: str, revision: int) -> None:
         """Remember that this replica deleted ``name`` at ``revision``."""
-        self._deleted[name] = max(revision, self._deleted.get(name, 0))
+        self._deleted[name] = revision
 
-    def caught_up_locked(self, revision: int, name: str | None = None) -> None:
-        """The informer has seen everything up to ``revision`` (of ``name`` only, if given):
-        forget the deletions it now knows about."""
-        if name is not None:
-            if self._deleted.get(name, revision + 1) <= revision:
-                del self._deleted[name]
-            return
-        self._deleted = {n: rev for n, rev in self._deleted.items() if rev > revision}
+    def caught_up_locked(self, revision: int) -> None:
+        """The informer has seen everything up to ``revision``: forget the deletions it now
+        knows about."""
+        if self._deleted:
+            self._deleted = {n: rev for n, rev in self._deleted.items() if rev > revision}

@@ -708,9 +708,7 @@ def test_a_deleted_version_is_not_loaded_again_until_the_informer_caught_up():
         index.remove_locked("job")
         index.caught_up_locked(14)  # not yet
         assert index.put_locked("job", record(1), 10, None, 0) is None
-        index.caught_up_locked(15, "other")  # another job's delete
-        assert index.put_locked("job", record(1), 10, None, 0) is None
-        index.caught_up_locked(15, "job")
+        index.caught_up_locked(15)
         assert index.put_locked("job", record(1), 10, None, 0) is not None
         index.remove_locked("job")
         index.mark_deleted_locked("a", 20)
