@@ -73,11 +73,6 @@ class Timer:
     def start(self) -> None:
         self.thread.start()
 
-    def arm(self, due: float, name: str, token: int) -> None:
-        with self._cond:
-            if self._heap.push(due, name, token):
-                self._cond.notify()
-
     def arm_many(self, entries: list[tuple[float, str, int]]) -> None:
         if not entries:
             return

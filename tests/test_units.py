@@ -169,13 +169,13 @@ def test_timer_delivers_an_earlier_entry_at_once(make_timer, fake_clock):
     timer = make_timer(deliveries)
     timer.start()
     start = fake_clock[0]
-    timer.arm(start + 1000, "far", 1)
-    timer.arm(start - 1, "due", 2)
+    timer.arm_many([(start + 1000, "far", 1)])
+    timer.arm_many([(start - 1, "due", 2)])
     assert deliveries.wait(1) == [[("due", 2)]]
     assert deliveries.threads == ["etcdcron-timer"]
     # the far entry is still armed: once it is due, the next wake-up delivers it too, in order
     fake_clock[0] += 2000
-    timer.arm(start + 500, "earlier", 3)
+    timer.arm_many([(start + 500, "earlier", 3)])
     assert deliveries.wait(2) == [[("due", 2)], [("earlier", 3), ("far", 1)]]
 
 
@@ -185,11 +185,11 @@ def test_timer_delivers_in_due_order(make_timer, fake_clock):
     now = fake_clock[0]
     for due, name, token in [(now - 1, "c", 3), (now - 30, "a", 1), (now - 20, "b", 2),
                              (now - 30, "a2", 4), (now + 50, "later", 5)]:
-        timer.arm(due, name, token)
+        timer.arm_many([(due, name, token)])
     timer.start()
     assert deliveries.wait(1) == [[("a", 1), ("a2", 4), ("b", 2), ("c", 3)]]
     fake_clock[0] += 100
-    timer.arm(now - 5, "early", 6)
+    timer.arm_many([(now - 5, "early", 6)])
     assert deliveries.wait(2)[1] == [("early", 6), ("later", 5)]
 
 
@@ -198,7 +198,7 @@ def test_timer_arm_many_wakes_the_thread(make_timer, fake_clock):
     timer = make_timer(deliveries)
     timer.start()
     now = fake_clock[0]
-    timer.arm(now + 10, "first", 1)
+    timer.arm_many([(now + 10, "first", 1)])
     fake_clock[0] += 100
     # not earlier than "first", but arm_many always wakes the timer
     timer.arm_many([(now + 30, "third", 3), (now + 20, "second", 2)])
@@ -209,10 +209,10 @@ def test_timer_clear_drops_armed_entries(make_timer, fake_clock):
     deliveries = Deliveries()
     timer = make_timer(deliveries)
     timer.start()
-    timer.arm(fake_clock[0] + 10, "cleared", 1)
+    timer.arm_many([(fake_clock[0] + 10, "cleared", 1)])
     timer.clear()
     fake_clock[0] += 100
-    timer.arm(fake_clock[0], "kept", 2)
+    timer.arm_many([(fake_clock[0], "kept", 2)])
     assert deliveries.wait(1) == [[("kept", 2)]]
 
 
@@ -220,9 +220,9 @@ def test_timer_survives_a_failing_on_due(make_timer, fake_clock, logger):
     deliveries = Deliveries(fail_first=True)
     timer = make_timer(deliveries)
     timer.start()
-    timer.arm(fake_clock[0], "one", 1)
+    timer.arm_many([(fake_clock[0], "one", 1)])
     deliveries.wait(1)
-    timer.arm(fake_clock[0], "two", 2)
+    timer.arm_many([(fake_clock[0], "two", 2)])
     assert deliveries.wait(2) == [[("one", 1)], [("two", 2)]]
     assert timer.thread.is_alive()
     errors = [r for r in logger.records if r.levelno >= logging.ERROR]
@@ -232,7 +232,7 @@ def test_timer_survives_a_failing_on_due(make_timer, fake_clock, logger):
 def test_timer_stop_ends_the_thread(make_timer, fake_clock):
     timer = make_timer(Deliveries())
     timer.start()
-    timer.arm(fake_clock[0] + 1000, "far", 1)
+    timer.arm_many([(fake_clock[0] + 1000, "far", 1)])
     assert timer.thread.is_alive()
     timer.stop()
     timer.thread.join(WAIT)
