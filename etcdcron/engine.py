@@ -311,27 +311,28 @@ class Engine:
                 self._write(ownership, plans)
 
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
-        plans = []
         with self.index.lock:
-            for outcome in outcomes:
-                state = self.index.get_locked(outcome.name, outcome.token)
-                if state is None or state.phase is not Phase.RUNNING:
-                    continue
-                if outcome.result is None:
-                    counter, nxt = state.counter, None
-                else:
-                    counter = after_result(state.record, state.counter, outcome.tick,
-                                           outcome.result)
-                    nxt = pending(state.record, counter, state.schedule)
-                job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-                if nxt is None:
-                    success = [op_delete(job_key), op_delete(counter_key)]
-                else:
-                    success = [op_put(counter_key, counter.SerializeToString())]
-                op = op_txn([cmp_mod(job_key, state.mod_revision),
-                             cmp_mod(counter_key, state.counter_revision)],
-                            success, [op_range(job_key), op_range(counter_key)])
-                plans.append(_Plan(outcome, counter, nxt, op))
+            running = [(outcome, state) for outcome in outcomes
+                       if (state := self.index.get_locked(outcome.name, outcome.token)) is not None
+                       and state.phase is Phase.RUNNING]
+        # The schedule math runs without the lock: a state's counter and counter revision change
+        # only on this thread, and _apply checks the token again.
+        plans = []
+        for outcome, state in running:
+            if outcome.result is None:
+                counter, nxt = state.counter, None
+            else:
+                counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
+                nxt = pending(state.record, counter, state.schedule)
+            job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
+            if nxt is None:
+                success = [op_delete(job_key), op_delete(counter_key)]
+            else:
+                success = [op_put(counter_key, counter.SerializeToString())]
+            op = op_txn([cmp_mod(job_key, state.mod_revision),
+                         cmp_mod(counter_key, state.counter_revision)],
+                        success, [op_range(job_key), op_range(counter_key)])
+            plans.append(_Plan(outcome, counter, nxt, op))
         return plans
 
     def _write(self, ownership: Ownership, plans: list[_Plan]) -> None:

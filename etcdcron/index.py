@@ -1,8 +1,10 @@
 """The in-memory table of the jobs this replica owns, and what an election grants it.
 
 The informer thread fills the table, the timer and worker threads move jobs between phases, the
-recorder thread updates their counters. Every access holds :attr:`JobIndex.lock`; methods named
-``*_locked`` expect the caller to hold it. Nothing here talks to etcd or calls user code.
+recorder thread updates their counters. Every access holds :attr:`JobIndex.lock` (methods named
+``*_locked`` expect the caller to hold it), except that the recorder thread, the only writer of a
+state's counter, reads a state it found RUNNING without it. Nothing here talks to etcd or calls
+user code.
 
 Job phases (State Transitions)::
 
