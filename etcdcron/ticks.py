@@ -74,11 +74,15 @@ def next_tick(job: stored_pb2.Job, counter: stored_pb2.Counter,
     return tick
 
 
-def _retry_interval(job: stored_pb2.Job) -> timedelta:
+def _constant_policy(job: stored_pb2.Job) -> api_pb2.FailurePolicyConstant | None:
+    """The job's Constant failure policy (the default one if it has none), or ``None``."""
     policy = job.job.failure_policy if job.job.HasField("failure_policy") else DEFAULT_FAILURE_POLICY
-    if policy.WhichOneof("policy") != "constant":
-        return timedelta(0)
-    return policy.constant.interval.ToTimedelta()
+    return policy.constant if policy.WhichOneof("policy") == "constant" else None
+
+
+def _retry_interval(job: stored_pb2.Job) -> timedelta:
+    constant = _constant_policy(job)
+    return constant.interval.ToTimedelta() if constant is not None else timedelta(0)
 
 
 def pending(job: stored_pb2.Job, counter: stored_pb2.Counter,
@@ -92,10 +96,9 @@ def pending(job: stored_pb2.Job, counter: stored_pb2.Counter,
 
 def _retries_left(job: stored_pb2.Job, attempts: int) -> bool:
     """Whether a tick that failed ``attempts`` times is delivered again."""
-    policy = job.job.failure_policy if job.job.HasField("failure_policy") else DEFAULT_FAILURE_POLICY
-    if policy.WhichOneof("policy") != "constant":
+    constant = _constant_policy(job)
+    if constant is None:
         return False
-    constant = policy.constant
     return not constant.HasField("max_retries") or attempts <= constant.max_retries
 
 
