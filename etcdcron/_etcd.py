@@ -82,24 +82,16 @@ class Compacted(Exception):
 
 # -- building requests ----------------------------------------------------------------------------
 
-_RESULTS = {
-    "=": rpc.Compare.EQUAL,
-    "!=": rpc.Compare.NOT_EQUAL,
-    ">": rpc.Compare.GREATER,
-    "<": rpc.Compare.LESS,
-}
+def cmp_mod(key: bytes, revision: int) -> rpc.Compare:
+    """Whether a key's mod revision is ``revision`` (0 for a missing key)."""
+    return rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                       mod_revision=revision)
 
 
-def cmp_mod(key: bytes, revision: int, op: str = "=") -> rpc.Compare:
-    """Compare a key's mod revision (0 for a missing key)."""
-    return rpc.Compare(key=key, target=rpc.Compare.MOD, result=_RESULTS[op], mod_revision=revision)
-
-
-def cmp_create(key: bytes, revision: int, op: str = "=") -> rpc.Compare:
-    """Compare a key's create revision (0 for a missing key)."""
-    return rpc.Compare(
-        key=key, target=rpc.Compare.CREATE, result=_RESULTS[op], create_revision=revision
-    )
+def cmp_create(key: bytes, revision: int) -> rpc.Compare:
+    """Whether a key's create revision is ``revision`` (0 for a missing key)."""
+    return rpc.Compare(key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
+                       create_revision=revision)
 
 
 def op_put(key: bytes, value: bytes, lease: int = 0) -> rpc.RequestOp:
@@ -110,10 +102,8 @@ def op_delete(key: bytes, range_end: bytes = b"") -> rpc.RequestOp:
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=range_end))
 
 
-def op_range(key: bytes, range_end: bytes = b"", *, keys_only: bool = False) -> rpc.RequestOp:
-    return rpc.RequestOp(
-        request_range=rpc.RangeRequest(key=key, range_end=range_end, keys_only=keys_only)
-    )
+def op_range(key: bytes, range_end: bytes = b"") -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end))
 
 
 def op_txn(
@@ -282,21 +272,27 @@ class EtcdClient:
         """
         if self._user is None:
             return self._base_metadata
-        with self._token_lock:
-            if self._token is None:
-                # Plain metadata, not call credentials: those are refused on plaintext channels.
-                try:
-                    response = self._auth.Authenticate(
-                        rpc.AuthenticateRequest(name=self._user, password=self._password or ""),
-                        timeout=self.request_timeout,
-                    )
-                except grpc.RpcError as exc:
-                    if is_transient(exc):
-                        raise
-                    raise wrap_rpc_error(exc, f"authentication as {self._user!r}") from exc
-                self._token = response.token
-                self._token_generation += 1
-            return self._base_metadata + (("token", self._token),)
+        token = self._token  # the lock only for fetching one: every call comes through here
+        if token is None:
+            with self._token_lock:
+                if self._token is None:
+                    self._token = self._authenticate()
+                    self._token_generation += 1
+                token = self._token
+        # Plain metadata, not call credentials: those are refused on plaintext channels.
+        return self._base_metadata + (("token", token),)
+
+    def _authenticate(self) -> str:
+        try:
+            response = self._auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._user, password=self._password or ""),
+                timeout=self.request_timeout,
+            )
+        except grpc.RpcError as exc:
+            if is_transient(exc):
+                raise
+            raise wrap_rpc_error(exc, f"authentication as {self._user!r}") from exc
+        return response.token
 
     def _drop_token(self) -> None:
         with self._token_lock:
@@ -312,7 +308,6 @@ class EtcdClient:
         *,
         deadline: float | None = None,
         stop: threading.Event | None = None,
-        retry: bool = True,
         forever: bool = False,
     ):
         """Call a unary RPC, retrying transient failures.
@@ -338,7 +333,7 @@ class EtcdClient:
             except grpc.RpcError as exc:
                 if is_token_error(exc):
                     self._drop_token()
-                elif not (retry and is_transient(exc)):
+                elif not is_transient(exc):
                     raise wrap_rpc_error(exc, what) from exc
                 delay = backoff.next_delay()
                 if deadline is not None and time.monotonic() + delay >= deadline:
