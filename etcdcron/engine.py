@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from etcd3.etcdrpc import kv_pb2
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from etcdcron._etcd import EtcdClient, Stopped, cmp_mod, op_delete, op_put, op_range, op_txn
 from etcdcron._pb import api_pb2, stored_pb2
@@ -38,7 +37,7 @@ from etcdcron.informer import Informer
 from etcdcron.keys import Keys
 from etcdcron.recorder import Outcome, Recorder
 from etcdcron.staging import Staging
-from etcdcron.store import decode_job
+from etcdcron.store import decode_job_or_none
 from etcdcron.ticks import Pending, after_result, pending
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
@@ -140,7 +139,7 @@ class Engine:
         owned = []  # decoded before taking the lock: the timer and workers wait on it
         for kv in jobs:
             name = self._keys.job_name(kv.key)
-            record = self._decode(name, kv.value)
+            record = decode_job_or_none(kv.value, name, self._log)
             if record is None or not ownership.owns(record.partition_id):
                 continue
             counter_kv = counters.get(name)
@@ -173,7 +172,7 @@ class Engine:
                 if event.type == kv_pb2.Event.DELETE:
                     self._forget_locked(name)
                     continue
-                record = self._decode(name, event.kv.value)
+                record = decode_job_or_none(event.kv.value, name, self._log)
                 if record is None or not ownership.owns(record.partition_id):
                     self._forget_locked(name)
                     continue
@@ -182,13 +181,6 @@ class Engine:
                     self._loaded_locked(state, ownership, arms)
             self.index.caught_up_locked(events[-1].kv.mod_revision)
         self.timer.arm_many(arms)
-
-    def _decode(self, name: str, value: bytes) -> stored_pb2.Job | None:
-        try:
-            return decode_job(value)
-        except DecodeError:
-            self._log.warning("skipping job %r: its record cannot be decoded", name)
-            return None
 
     def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
         self.staging.discard(state.name)

@@ -23,7 +23,7 @@ from etcdcron.errors import EtcdError
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH
-from etcdcron.store import decode_job
+from etcdcron.store import decode_job, list_jobs_and_counters
 
 __all__ = ["CounterCollector", "find_garbage"]
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def find_garbage(jobs: dict[str, tuple[int | None, int]], counters: list) -> list[tuple]:
-    """The garbage among ``counters`` (``KeyValue``\\ s of ``NS/counters/``).
+    """The garbage among ``counters`` (``(name, KeyValue)`` pairs of ``NS/counters/``).
 
     :param jobs: ``name -> (partition_id or None if undecodable, mod_revision)``.
     :returns: ``(name, counter mod revision, job mod revision or 0)`` per garbage counter.
@@ -88,9 +88,8 @@ class CounterCollector:
             with self._cond:
                 self._cond.wait_for(lambda: self._ownership is not None or self._stop.is_set())
                 ownership = self._ownership
-                self._cond.wait_for(lambda: self._ownership is not ownership
-                                    or self._stop.is_set(), self._interval)
-                if self._ownership is not ownership or self._stop.is_set():
+                if self._cond.wait_for(lambda: self._ownership is not ownership
+                                       or self._stop.is_set(), self._interval):
                     continue
             try:
                 self.sweep()
@@ -102,7 +101,7 @@ class CounterCollector:
     def sweep(self) -> int:
         """Delete the garbage counters of the namespace; returns how many were deleted."""
         kw = {"stop": self._stop, "forever": True}
-        revision, job_kvs = self._client.list_prefix(self._keys.jobs, **kw)
+        _, job_kvs, counters = list_jobs_and_counters(self._client, self._keys, **kw)
         jobs = {}
         for kv in job_kvs:
             try:
@@ -110,9 +109,7 @@ class CounterCollector:
             except DecodeError:
                 partition_id = None
             jobs[self._keys.job_name(kv.key)] = (partition_id, kv.mod_revision)
-        _, counter_kvs = self._client.list_prefix(self._keys.counters, revision=revision, **kw)
-        counters = [(self._keys.counter_name(kv.key), kv) for kv in counter_kvs]
-        garbage = find_garbage(jobs, counters)
+        garbage = find_garbage(jobs, list(counters.items()))
         deleted = 0
         for start in range(0, len(garbage), MAX_BATCH):
             ops = []

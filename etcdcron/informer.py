@@ -17,6 +17,7 @@ from etcdcron._etcd import Backoff, Compacted, EtcdClient, Stopped, WatchStream
 from etcdcron.errors import EtcdError
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys, prefix_end
+from etcdcron.store import list_jobs_and_counters
 
 __all__ = ["Informer"]
 
@@ -99,9 +100,7 @@ class Informer:
 
     def _load(self, ownership: Ownership) -> int:
         """List jobs and counters at one revision and hand them to the engine; return it."""
-        kw = {"stop": self._stop, "forever": True}
-        revision, jobs = self._client.list_prefix(self._keys.jobs, **kw)
-        _, counter_kvs = self._client.list_prefix(self._keys.counters, revision=revision, **kw)
-        counters = {self._keys.counter_name(kv.key): kv for kv in counter_kvs}
+        revision, jobs, counters = list_jobs_and_counters(self._client, self._keys,
+                                                          stop=self._stop, forever=True)
         self._engine.load(ownership, jobs, counters, revision)
         return revision

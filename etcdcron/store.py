@@ -33,6 +33,23 @@ def decode_job(value: bytes) -> stored_pb2.Job:
     return record
 
 
+def decode_job_or_none(value: bytes, name: str, logger: logging.Logger) -> stored_pb2.Job | None:
+    """Parse a stored job, or log that ``name`` is skipped and return ``None``."""
+    try:
+        return decode_job(value)
+    except DecodeError:
+        logger.warning("skipping job %r: its record cannot be decoded", name)
+        return None
+
+
+def list_jobs_and_counters(client: EtcdClient, keys: Keys, **kw) -> tuple[int, list, dict]:
+    """Every job and counter of the namespace at one revision: ``(revision, job kvs, {name:
+    counter kv})``, both in key order."""
+    revision, jobs = client.list_prefix(keys.jobs, **kw)
+    _, counters = client.list_prefix(keys.counters, revision=revision, **kw)
+    return revision, jobs, {keys.counter_name(kv.key): kv for kv in counters}
+
+
 class Store:
     """The jobs of one namespace in etcd.
 
@@ -116,10 +133,8 @@ class Store:
         for _, kvs in self._client.iter_prefix(self._keys.job(prefix)):
             for kv in kvs:
                 name = self._keys.job_name(kv.key)
-                try:
-                    record = decode_job(kv.value)
-                except DecodeError:
-                    self._log.warning("skipping job %r: its record cannot be decoded", name)
+                record = decode_job_or_none(kv.value, name, self._log)
+                if record is None:
                     continue
                 jobs.append(api_pb2.NamedJob(name=name, job=record.job))
         return jobs
