@@ -187,6 +187,7 @@ class EtcdServer:
             *self._tls_args(),
             *self.extra_args,
         ]
+        self._close_log()  # of a process that exited by itself
         self._log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -217,13 +218,14 @@ class EtcdServer:
         :raises RuntimeError: with the end of the etcd log if the process exits or never gets there.
         """
         deadline = time.monotonic() + timeout
+        context = self._health_context()
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"etcd {self.name} exited with {self.process.returncode}:\n"
                                    f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.client_url + "/health", timeout=1,
-                                            context=self._health_context()) as response:
+                                            context=context) as response:
                     if b'"true"' in response.read():
                         return
             except (urllib.error.URLError, OSError):
