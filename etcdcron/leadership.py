@@ -342,8 +342,7 @@ class Elector:
         self._ownership: Ownership | None = None
         # Only the election thread touches the rest.
         self._members: dict[bytes, _Member] = {}
-        self._synced = False
-        self._watched_revision = 0
+        self._watched_revision = 0  # of the keys seen; 0 until the first snapshot
         self._change_revision = 0
         self._changed_at = 0.0  # monotonic time the change revision last moved
         self._wake_at: float | None = None  # monotonic time the loop must evaluate again
@@ -437,9 +436,8 @@ class Elector:
             _, kvs, revision = message
             self._members = {kv.key: self._member(kv) for kv in kvs}
             created = [m.create_revision for m in self._members.values()]
-            self._changed(max([self._change_revision, *created]))
+            self._changed(max(created, default=0))
             self._watched_revision = revision
-            self._synced = True
         elif kind == "events":
             for event in message[1]:
                 kv = event.kv
@@ -520,8 +518,8 @@ class Elector:
             self._evaluate_dynamic(mine, lease_id)
 
     def _claim_key(self, lease_id: int, generation: int) -> None:
-        if not self._synced:
-            return
+        if not self._watched_revision:
+            return  # no snapshot of the keys yet
         holder = self._members.get(self._key)
         if holder is not None:
             self._log_once(logging.INFO, "replica id is held by another process; waiting "
