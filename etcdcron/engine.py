@@ -32,7 +32,7 @@ from etcdcron._etcd import EtcdClient, Stopped, cmp_mod, op_delete, op_put, op_r
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.api import TriggerResult
 from etcdcron.errors import EtcdError, EtcdUnavailableError
-from etcdcron.index import JobIndex, JobState, Ownership, Phase, decode_counter
+from etcdcron.index import JobIndex, JobState, Ownership, Phase, counter_of, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
 from etcdcron.recorder import Outcome, Recorder
@@ -401,13 +401,12 @@ class Engine:
             return False
         self._log.info("counter of job %r was changed by another writer; continuing from it",
                        state.name)
-        counter = (decode_counter(counter_kvs[0].value, state.name, self._log)
-                   if counter_kvs else None)
-        if counter is None or counter.job_partition_id != state.record.partition_id:
-            counter = stored_pb2.Counter(job_partition_id=state.record.partition_id)
-        state.counter = counter
-        state.counter_revision = counter_kvs[0].mod_revision if counter_kvs else 0
-        state.next = pending(state.record, counter, state.schedule)
+        stored, state.counter_revision = None, 0
+        if counter_kvs:
+            stored = decode_counter(counter_kvs[0].value, state.name, self._log)
+            state.counter_revision = counter_kvs[0].mod_revision
+        state.counter = counter_of(state.record, stored)
+        state.next = pending(state.record, state.counter, state.schedule)
         return True
 
     def _future_value(self, name: str, future: Future) -> object:

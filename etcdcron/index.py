@@ -33,7 +33,7 @@ from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.schedule import Schedule, parse_schedule
 from etcdcron.ticks import Pending, pending
 
-__all__ = ["Phase", "JobState", "JobIndex", "Ownership", "decode_counter"]
+__all__ = ["Phase", "JobState", "JobIndex", "Ownership", "counter_of", "decode_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ def decode_counter(value: bytes, name: str,
     except DecodeError:
         logger.warning("counter of job %r cannot be decoded; the job starts from its first tick", name)
         return None
+    return counter
+
+
+def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> stored_pb2.Counter:
+    """``counter`` if it belongs to this version of the job (same partition id), else a fresh
+    one: a counter left by an older version of the name does not count."""
+    if counter is None or counter.job_partition_id != record.partition_id:
+        return stored_pb2.Counter(job_partition_id=record.partition_id)
     return counter
 
 
@@ -176,8 +184,8 @@ class JobIndex:
             return None  # a stale listing: this version is already deleted
         if old is not None and old.record.partition_id == record.partition_id:
             counter, counter_revision = old.counter, old.counter_revision
-        elif counter is None or counter.job_partition_id != record.partition_id:
-            counter = stored_pb2.Counter(job_partition_id=record.partition_id)
+        else:
+            counter = counter_of(record, counter)
         try:
             schedule = _schedule(record.job.schedule) if record.job.HasField("schedule") else None
         except ValueError as exc:

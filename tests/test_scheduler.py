@@ -498,3 +498,27 @@ def test_a_listing_from_before_a_one_shot_finished_does_not_bring_it_back(make_c
     cron.add("after", Job(due_time="0s"))  # fires after anything armed by the load would have
     calls.wait("after", 1)
     assert calls.count("once") == 1
+
+
+def test_a_counter_changed_by_another_writer_is_taken_over(make_cron, calls):
+    """A result whose counter write loses to another writer is dropped, and the job continues
+    from the counter etcd holds."""
+    release = threading.Event()
+
+    def trigger(req):
+        calls.add(req)
+        if calls.count("adopt") == 2:
+            release.wait(10)
+
+    cron = make_cron(trigger)
+    cron.start()
+    cron.add("adopt", Job(schedule="@every 100ms", repeats=6))
+    calls.wait("adopt", 2)  # the second trigger is held
+    client, key = cron._client, cron._keys.counter("adopt")
+    counter = stored_pb2.Counter.FromString(client.get(key).value)
+    assert counter.count == 1
+    counter.count = 4
+    client.put(key, counter.SerializeToString())
+    release.set()
+    wait_until(lambda: gone(cron, "adopt"), 10)
+    assert calls.count("adopt") == 2 + 2  # the held result was dropped; 4 of 6 came from etcd
