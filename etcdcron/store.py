@@ -7,7 +7,7 @@ Every write is one etcd transaction, so nothing is ever half-written.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from google.protobuf.message import DecodeError
@@ -69,6 +69,18 @@ class Store:
         self._client.txn([], [op_put(self._keys.job(name), record.SerializeToString()),
                               op_delete(self._keys.counter(name))])
         return record
+
+    def add_many(self, jobs: Mapping[str, api_pb2.Job], batch: int = 100) -> None:
+        """Create or replace many jobs, ``batch`` per transaction, all validated first.
+
+        Unlike :meth:`add`, a replaced job's old counter stays; it belongs to another version,
+        so it does not count, and the counter GC deletes it.
+        """
+        now = self._clock()
+        ops = [op_put(self._keys.job(name), prepare_job(name, job, now).SerializeToString())
+               for name, job in jobs.items()]
+        for start in range(0, len(ops), batch):
+            self._client.txn([], ops[start:start + batch])
 
     def add_if_not_exists(self, name: str, job: api_pb2.Job) -> stored_pb2.Job:
         """Create ``name`` unless a job of that name exists, in one create-only transaction.

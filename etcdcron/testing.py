@@ -37,7 +37,6 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 
 __all__ = ["find_etcd", "free_port", "wait_until", "bulk_add", "EtcdServer", "EtcdCluster"]
 
@@ -99,14 +98,7 @@ def bulk_add(cron, jobs: Mapping[str, object], batch: int = 100) -> None:
     :param jobs: job name -> :class:`~etcdcron.Job`.
     :raises ValidationError: for the first invalid job; then nothing is written.
     """
-    from etcdcron._etcd import op_put
-    from etcdcron.validation import prepare_job
-
-    now = datetime.fromtimestamp(cron._clock(), timezone.utc)
-    ops = [op_put(cron._keys.job(name), prepare_job(name, job, now).SerializeToString())
-           for name, job in jobs.items()]
-    for start in range(0, len(ops), batch):
-        cron._client.txn([], ops[start:start + batch])
+    cron._store.add_many(jobs, batch)
 
 
 def _temp_dir(prefix: str) -> str:
