@@ -21,7 +21,6 @@ or a result that carries another token is stale and is dropped.
 from __future__ import annotations
 
 import enum
-import functools
 import itertools
 import logging
 import threading
@@ -70,11 +69,6 @@ class Ownership:
 
     def owns(self, partition_id: int) -> bool:
         return partition_id % self.total in self.indices
-
-
-@functools.lru_cache(maxsize=4096)
-def _schedule(spec: str) -> Schedule:
-    return parse_schedule(spec)
 
 
 def decode_counter(value: bytes, name: str,
@@ -187,7 +181,8 @@ class JobIndex:
         else:
             counter = counter_of(record, counter)
         try:
-            schedule = _schedule(record.job.schedule) if record.job.HasField("schedule") else None
+            schedule = (parse_schedule(record.job.schedule) if record.job.HasField("schedule")
+                        else None)
         except ValueError as exc:
             self._log.warning("job %r has a schedule etcdcron cannot parse (%s); skipping it", name, exc)
             self.remove_locked(name)

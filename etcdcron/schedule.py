@@ -33,6 +33,7 @@ matching every hour, a second-pass instant of the repeated interval around ``t``
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -262,6 +263,7 @@ _ITEM = re.compile(
 _NUMBER = re.compile(r"[0-9]+")
 
 
+@functools.lru_cache(maxsize=4096)  # many jobs share a schedule; a Schedule is immutable
 def parse_schedule(spec: str) -> Schedule:
     """Parse a job schedule: six cron fields, a descriptor or ``@every <duration>``,
     optionally prefixed by ``TZ=<zone>`` or ``CRON_TZ=<zone>``.
