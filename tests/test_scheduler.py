@@ -312,10 +312,10 @@ def test_100_unanswered_future_triggers_at_once_with_default_workers(make_cron, 
     lock = threading.Lock()
 
     def trigger(req):
-        calls.add(req)
         future = Future()
         with lock:
             futures.append(future)
+        calls.add(req)  # last: once calls.wait() sees this call, its future is in the list
         return future
 
     cron = make_cron(trigger)
@@ -370,9 +370,9 @@ def test_catch_up_fires_every_missed_tick_in_order(make_cron, calls, client, nam
     seen = []
 
     def recording(req):
-        calls.add(req)
         kv = client.get(keys.counter("tick"))
         seen.append(stored_pb2.Counter.FromString(kv.value).last_trigger.ToDatetime().timestamp())
+        calls.add(req)  # last: once calls.wait() sees this call, seen has it too
 
     restarted_at = time.time()
     second = make_cron(recording, clock=clock)
