@@ -21,6 +21,27 @@ pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def read_log(path: Path) -> list[tuple[float, str, str]]:
+    """The ``(time, kind, rest)`` of each whole line a replica has written so far."""
+    if not path.exists():
+        return []
+    # The replica may be part-way through writing its last line: read whole lines only.
+    *complete, _partial = path.read_text().split("\n")
+    result = []
+    for line in complete:
+        stamp, kind, *rest = line.split(" ", 2)
+        result.append((float(stamp), kind, rest[0] if rest else ""))
+    return result
+
+
+def test_a_line_the_replica_is_still_writing_is_not_read(tmp_path):
+    log = tmp_path / "replica.log"
+    log.write_text("1.5 started\n2.25 fired job-1\n3.0")
+    assert read_log(log) == [(1.5, "started", ""), (2.25, "fired", "job-1")]
+    log.write_text("1.5 started\n2.25 fired job-1\n3.0 fired job-2\n")
+    assert read_log(log)[-1] == (3.0, "fired", "job-2")
+
+
 class Replica:
     """One ``tests.replica_proc`` process and its log."""
 
@@ -36,13 +57,7 @@ class Replica:
         return self.process.pid
 
     def lines(self) -> list[tuple[float, str, str]]:
-        if not self.log.exists():
-            return []
-        result = []
-        for line in self.log.read_text().splitlines():
-            stamp, kind, *rest = line.split(" ", 2)
-            result.append((float(stamp), kind, rest[0] if rest else ""))
-        return result
+        return read_log(self.log)
 
     def fired(self, since: float = 0.0) -> list[tuple[float, str]]:
         return [(t, name) for t, kind, name in self.lines() if kind == "fired" and t >= since]
