@@ -177,11 +177,9 @@ class LeaseKeeper:
                     if ttl <= 0:
                         self._lose(lease_id, "etcd says it expired")
                         return
-                    with self._lock:
-                        generation, valid_until = self._validity
-                        if self._lease_id == lease_id:
-                            self._validity = (generation,
-                                              max(valid_until, sent_at + ttl - self._margin))
+                    if not self._extend(lease_id, sent_at + ttl - self._margin):
+                        self._lose(lease_id, "a keepalive was answered only after it ran out")
+                        return
                     backoff.reset()
                     if self._stop.wait(interval):
                         return
@@ -202,6 +200,22 @@ class LeaseKeeper:
                 self._lose(lease_id, "no keepalive was acknowledged within its TTL")
                 return
             self._stop.wait(backoff.next_delay())
+
+    def _extend(self, lease_id: int, valid_until: float) -> bool:
+        """Move the lease's end out to ``valid_until``; ``False`` if it has already passed.
+
+        A generation whose validity ran out stays over, even if etcd still renews the lease
+        (etcd was frozen, say, and answers late): its session has ended, and the next one
+        must start under a new lease.
+        """
+        with self._lock:
+            generation, current = self._validity
+            if self._lease_id != lease_id:
+                return True  # stop() has released it
+            if time.monotonic() >= current:
+                return False
+            self._validity = (generation, max(current, valid_until))
+            return True
 
     def _lose(self, lease_id: int, why: str) -> None:
         with self._lock:
@@ -295,6 +309,7 @@ class _Member:
     record: stored_pb2.Leadership | None  # None: the value cannot be decoded
     create_revision: int
     mod_revision: int
+    lease: int
 
 
 @dataclass(slots=True)
@@ -462,7 +477,7 @@ class Elector:
             record.ParseFromString(kv.value)
         except DecodeError:
             record = None
-        return _Member(record, kv.create_revision, kv.mod_revision)
+        return _Member(record, kv.create_revision, kv.mod_revision, kv.lease)
 
     def _end_session(self, why: str) -> None:
         if self._ownership is None:
@@ -481,15 +496,15 @@ class Elector:
     def _evaluate(self) -> None:
         lease = self._lease.current()
         if lease is None:
-            self._end_session("lease lost")
             self._claim = None
+            self._end_session("lease lost")
             if self._state is not ElectionState.CLAIMING:
                 self._set_state(ElectionState.CLAIMING)
             return
         lease_id, generation = lease
         if self._claim is None or self._claim.generation != generation:
-            self._end_session("new lease")
             self._claim = None
+            self._end_session("new lease")
             self._claim_key(lease_id, generation)
             return  # the watch will show the key (or its holder) and wake us
         mine = self._members.get(self._key)
@@ -497,8 +512,8 @@ class Elector:
             if self._watched_revision >= self._claim.mod_revision:
                 self._log.warning("replica %r: its leadership key was deleted; claiming it again",
                                   self.replica_id)
-                self._end_session("leadership key deleted")
                 self._claim = None
+                self._end_session("leadership key deleted")
                 self.wake()
             return
         if mine.mod_revision < self._claim.mod_revision:
@@ -521,6 +536,9 @@ class Elector:
         if not self._watched_revision:
             return  # no snapshot of the keys yet
         holder = self._members.get(self._key)
+        if holder is not None and holder.record is not None and holder.record.uid == self._uid:
+            self._claim_own_key(holder, lease_id, generation)
+            return
         if holder is not None:
             self._log_once(logging.INFO, "replica id is held by another process; waiting "
                            "passively until it goes away")
@@ -537,6 +555,21 @@ class Elector:
         self._claim = _Claim(generation, revision, revision)
         self._logged.clear()
         self._log.info("replica %r: claimed leadership key %r", self.replica_id, self._key.decode())
+        self._set_state(ElectionState.WAITING)
+
+    def _claim_own_key(self, holder: _Member, lease_id: int, generation: int) -> None:
+        """The key holds this replica's own record: written under the current lease (by a claim
+        whose answer was lost), take it up; written under an earlier one, wait for it to go."""
+        if holder.lease != lease_id:
+            self._log_once(logging.INFO, "waiting for its leadership key of an earlier lease "
+                           "(%x) to go", holder.lease)
+            if self._state is not ElectionState.CLAIMING:
+                self._set_state(ElectionState.CLAIMING)
+            return
+        self._claim = _Claim(generation, holder.create_revision, holder.mod_revision)
+        self._logged.clear()
+        self._log.info("replica %r: took up its own leadership key %r again", self.replica_id,
+                       self._key.decode())
         self._set_state(ElectionState.WAITING)
 
     def _evaluate_static(self) -> None:

@@ -14,6 +14,7 @@ from google.protobuf.any_pb2 import Any
 from etcdcron import ElectionState, Job
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
+from etcdcron.leadership import Elector, LeaseKeeper
 from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster]
@@ -127,6 +128,82 @@ def test_duplicated_replica_ids_are_active_and_passive(make_cron, fired):
     passive.add("after", Job(due_time="0s"))
     wait_until(lambda: fired.per_job()["after"] == 1, 10)
     assert fired.events == [("same", "before"), ("same", "after")]
+
+
+class LoneElector:
+    """One replica's lease keeper and elector, without the engine: for the claim of its key."""
+
+    UID = 0x5EED
+
+    def __init__(self, client, namespace: str, replica_id: str):
+        self.stop_event = threading.Event()
+        self.lease = LeaseKeeper(client, 5, self.stop_event, on_change=lambda: self.elector.wake())
+        self.elector = Elector(client=client, keys=Keys(namespace), lease=self.lease,
+                               replica_id=replica_id, uid=self.UID, replica_data=None,
+                               static=None, activate=lambda ownership: None,
+                               deactivate=lambda: None, on_elected=lambda ownership: None,
+                               stop=self.stop_event)
+
+    def start(self) -> None:
+        self.lease.start()
+        self.elector.start()
+
+    def close(self) -> None:
+        self.elector.halt()
+        self.elector.thread.join(10)
+        self.stop_event.set()
+        self.elector.watch.stop()
+        self.lease.stop()
+        for thread in (self.elector.thread, self.elector.watch.thread, self.lease.thread):
+            thread.join(10)
+            assert not thread.is_alive(), thread.name
+
+
+@pytest.fixture
+def lone_elector(client, namespace):
+    made = []
+
+    def make(replica_id: str) -> LoneElector:
+        made.append(LoneElector(client, namespace, replica_id))
+        return made[-1]
+
+    yield make
+    for lone in made:
+        lone.close()
+
+
+def own_record() -> bytes:
+    return stored_pb2.Leadership(total=1, uid=LoneElector.UID).SerializeToString()
+
+
+def test_a_replica_takes_up_its_own_key_written_under_its_current_lease(lone_elector, client,
+                                                                        namespace):
+    # A claim that etcd applied but whose answer was lost leaves the key with this replica's
+    # own record, bound to its current lease: that is no other process holding the id.
+    lone = lone_elector("r1")
+    lone.lease.start()
+    lease_id, _ = wait_until(lone.lease.current, 10, message="a lease")
+    client.put(Keys(namespace).leader("r1"), own_record(), lease=lease_id)
+    lone.elector.start()
+    assert lone.elector.wait_elected(10), lone.elector.state
+    assert lone.elector.ownership.total == 1
+
+
+def test_a_replica_waits_for_its_own_key_of_an_earlier_lease(lone_elector, client, namespace,
+                                                             caplog):
+    # After losing a lease, the key it bound may outlive it for a moment (until the revoke or
+    # etcd's expiry): the replica waits for it to go, not passively as if another held the id.
+    caplog.set_level(logging.INFO, logger="etcdcron")
+    earlier, _ = client.lease_grant(60)
+    client.put(Keys(namespace).leader("r1"), own_record(), lease=earlier)
+    lone = lone_elector("r1")
+    lone.start()
+    wait_until(lambda: f"earlier lease ({earlier:x})" in caplog.text, 10,
+               message="the replica to wait for its earlier key")
+    assert lone.elector.state is ElectionState.CLAIMING
+    client.lease_revoke(earlier)
+    assert lone.elector.wait_elected(10), lone.elector.state
+    assert "held by another process" not in caplog.text
 
 
 def text_any(text: str) -> Any:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 
 from etcdcron import Cron, Job
+from etcdcron._etcd import EtcdClient
+from etcdcron.leadership import LeaseKeeper
 from etcdcron.testing import wait_until
 from tests.conftest import Calls
 
@@ -57,6 +60,36 @@ def test_etcd_paused_longer_than_the_lease(own_etcd, namespace, calls: Calls):
         assert calls.count("later") == 1
     finally:
         cron.stop(timeout=15)
+
+
+def test_a_lease_that_ran_out_while_etcd_was_frozen_is_never_valid_again(own_etcd):
+    # etcd frozen for longer than the lease's validity, but thawed before its own expiry: the
+    # keepalive sent before the freeze is answered late, and etcd renews the lease. The
+    # generation that ran out must stay over; the keeper starts a new one under a new lease.
+    client = EtcdClient(own_etcd.endpoint)
+    stop = threading.Event()
+    keeper = LeaseKeeper(client, 3, stop, on_change=lambda: None)
+    keeper.start()
+    try:
+        first = wait_until(keeper.current, 10, message="a lease")
+        own_etcd.pause()
+        try:
+            wait_until(lambda: not keeper.valid(), 10, message="the lease's validity to run out")
+        finally:
+            own_etcd.resume()
+
+        def next_lease():
+            assert not keeper.valid(first[1]), "the generation that ran out became valid again"
+            current = keeper.current()
+            return current if current and current[1] != first[1] else None
+
+        second = wait_until(next_lease, 20, message="a new lease")
+        assert second[0] != first[0]
+    finally:
+        stop.set()
+        keeper.stop()
+        keeper.thread.join(10)
+        client.close()
 
 
 def test_crud_raises_a_clear_error_when_etcd_is_down(own_etcd, namespace):
