@@ -518,6 +518,12 @@ class Elector:
             return
         if mine.mod_revision < self._claim.mod_revision:
             return  # the watch has not caught up with our last write yet
+        if mine.mod_revision > self._claim.mod_revision:
+            # Written again since the write we know of: one whose answer was lost (a deadline
+            # passed after etcd applied it), or another writer's. The fence is what etcd holds.
+            self._claim.mod_revision = mine.mod_revision
+        if self._ownership is not None and self._ownership.fence_revision != mine.mod_revision:
+            self._end_session("its leadership key was written again")
         undecodable = sorted(k.decode(errors="replace") for k, m in self._members.items()
                              if m.record is None)
         if undecodable:

@@ -206,6 +206,22 @@ def test_a_replica_waits_for_its_own_key_of_an_earlier_lease(lone_elector, clien
     assert "held by another process" not in caplog.text
 
 
+def test_a_leadership_key_written_again_gets_a_new_fence(make_cron, fired, client, namespace):
+    # A write of the key whose answer was lost (its deadline passed after etcd applied it)
+    # leaves the key at a newer revision than the replica knows. Fencing results with the old
+    # one would fail every write: the replica must take the revision etcd holds.
+    (cron,) = start_replicas(make_cron, fired, ["r1"])
+    assert cron.wait_elected(10)
+    key = Keys(namespace).leader("r1")
+    kv = client.get(key)
+    revision = client.put(key, kv.value, lease=kv.lease).header.revision
+    wait_until(lambda: cron.is_elected() and cron._elector.ownership.fence_revision == revision,
+               10, message="a session fenced by the key's new revision")
+    cron.add("after", Job(due_time="0s"))
+    wait_until(lambda: not cron.list(), 10, message="the one-shot to be recorded and deleted")
+    assert fired.events == [("r1", "after")]
+
+
 def text_any(text: str) -> Any:
     value = Any()
     value.Pack(wrappers_pb2.StringValue(value=text))
