@@ -178,10 +178,12 @@ class LeaseKeeper:
                         self._lose(lease_id, "etcd says it expired")
                         return
                     if not self._extend(lease_id, sent_at + ttl - self._margin):
-                        self._lose(lease_id, "a keepalive was answered only after it ran out")
+                        self._lose(lease_id, "a keepalive was answered too late to renew it")
                         return
                     backoff.reset()
-                    if self._stop.wait(interval):
+                    # Renew again before half the time left is gone (after a late answer, that
+                    # is well before the usual interval).
+                    if self._stop.wait(min(interval, self.valid_for() / 2)):
                         return
                     if not self.valid():
                         self._lose(lease_id, "this process did not run for longer than its TTL")
@@ -202,20 +204,28 @@ class LeaseKeeper:
             self._stop.wait(backoff.next_delay())
 
     def _extend(self, lease_id: int, valid_until: float) -> bool:
-        """Move the lease's end out to ``valid_until``; ``False`` if it has already passed.
+        """Move the lease's end out to ``valid_until``; ``False`` if that has passed too.
 
-        A generation whose validity ran out stays over, even if etcd still renews the lease
-        (etcd was frozen, say, and answers late): its session has ended, and the next one
-        must start under a new lease.
+        A validity that has already run out is not extended, even though etcd still renews
+        the lease (it was frozen, say, and answers late): the lease goes on under a new
+        generation, so the session that trusted the old one ends, and the next session takes
+        up the same leadership key. The other replicas see no change.
         """
         with self._lock:
             generation, current = self._validity
             if self._lease_id != lease_id:
                 return True  # stop() has released it
-            if time.monotonic() >= current:
+            now = time.monotonic()
+            if now < current:
+                self._validity = (generation, max(current, valid_until))
+                return True
+            if now >= valid_until:
                 return False
-            self._validity = (generation, max(current, valid_until))
-            return True
+            self._validity = (generation + 1, valid_until)
+        self._log.info("lease %x was renewed after its validity ran out; starting a new session "
+                       "under it", lease_id)
+        self._on_change()
+        return True
 
     def _lose(self, lease_id: int, why: str) -> None:
         with self._lock:
