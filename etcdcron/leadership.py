@@ -568,10 +568,7 @@ class Elector:
         if not response.succeeded:
             return  # somebody took it first; the watch will show who
         revision = response.header.revision
-        self._claim = _Claim(generation, revision, revision)
-        self._logged.clear()
-        self._log.info("replica %r: claimed leadership key %r", self.replica_id, self._key.decode())
-        self._set_state(ElectionState.WAITING)
+        self._hold(_Claim(generation, revision, revision), "claimed")
 
     def _claim_own_key(self, holder: _Member, lease_id: int, generation: int) -> None:
         """The key holds this replica's own record: written under the current lease (by a claim
@@ -582,9 +579,13 @@ class Elector:
             if self._state is not ElectionState.CLAIMING:
                 self._set_state(ElectionState.CLAIMING)
             return
-        self._claim = _Claim(generation, holder.create_revision, holder.mod_revision)
+        self._hold(_Claim(generation, holder.create_revision, holder.mod_revision),
+                   "took up its own")
+
+    def _hold(self, claim: _Claim, how: str) -> None:
+        self._claim = claim
         self._logged.clear()
-        self._log.info("replica %r: took up its own leadership key %r again", self.replica_id,
+        self._log.info("replica %r: %s leadership key %r", self.replica_id, how,
                        self._key.decode())
         self._set_state(ElectionState.WAITING)
 
