@@ -26,7 +26,7 @@ from etcdcron.errors import (
     StopTimeoutError,
     ValidationError,
 )
-from etcdcron.leadership import ElectionState
+from etcdcron.election import ElectionState
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,8 @@ from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
 from etcdcron.gc import CounterCollector
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys
-from etcdcron.leadership import Elector, ElectionState, LeaseKeeper
+from etcdcron.election import Elector, ElectionState
+from etcdcron.lease import LeaseKeeper
 from etcdcron.notify import Notifier
 from etcdcron.staging import DeliverableHandle, Staging
 from etcdcron.store import Store

@@ -14,7 +14,8 @@ from google.protobuf.any_pb2 import Any
 from etcdcron import ElectionState, Job
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
-from etcdcron.leadership import Elector, LeaseKeeper
+from etcdcron.election import Elector
+from etcdcron.lease import LeaseKeeper
 from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster]
@@ -416,9 +417,9 @@ def test_a_rolling_start_of_ten_replicas_costs_one_rebalance(make_cron, fired, c
                                                             namespace, monkeypatch):
     """Joins close together are acknowledged together: about one leadership write per replica
     to claim and one to acknowledge, not one acknowledgement per replica per join."""
-    from etcdcron import leadership
+    from etcdcron import election
 
-    monkeypatch.setattr(leadership, "SETTLE", 2.0)  # wide enough for a loaded machine
+    monkeypatch.setattr(election, "SETTLE", 2.0)  # wide enough for a loaded machine
     keys = Keys(namespace)
     start = client.current_revision()
     crons = []
