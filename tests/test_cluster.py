@@ -136,12 +136,13 @@ class LoneElector:
 
     UID = 0x5EED
 
-    def __init__(self, client, namespace: str, replica_id: str):
+    def __init__(self, client, namespace: str, replica_id: str, *, static=None, clock=None):
         self.stop_event = threading.Event()
-        self.lease = LeaseKeeper(client, 5, self.stop_event, on_change=lambda: self.elector.wake())
+        self.lease = LeaseKeeper(client, 5, self.stop_event, on_change=lambda: self.elector.wake(),
+                                 clock=clock)
         self.elector = Elector(client=client, keys=Keys(namespace), lease=self.lease,
                                replica_id=replica_id, uid=self.UID, replica_data=None,
-                               static=None, activate=lambda ownership: None,
+                               static=static, activate=lambda ownership: None,
                                deactivate=lambda: None, on_elected=lambda ownership: None,
                                stop=self.stop_event)
 
@@ -164,8 +165,8 @@ class LoneElector:
 def lone_elector(client, namespace):
     made = []
 
-    def make(replica_id: str) -> LoneElector:
-        made.append(LoneElector(client, namespace, replica_id))
+    def make(replica_id: str, **options) -> LoneElector:
+        made.append(LoneElector(client, namespace, replica_id, **options))
         return made[-1]
 
     yield make
