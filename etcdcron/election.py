@@ -1,9 +1,12 @@
 """The election: this replica's key under ``NS/leadership/`` and the partitions it owns.
 
-:class:`Elector` runs on the ``etcdcron-election`` thread: it claims the key, reaches quorum and
-tells the engine which partitions it owns (DESIGN.md section 5). It learns the lease from
+:class:`Elector` runs its loop on the ``etcdcron-election`` thread, under a supervising
+:class:`~etcdcron.supervise.Loop`: it claims the key, reaches quorum and tells the engine which
+partitions it owns (DESIGN.md section 5). It learns the lease from
 :class:`~etcdcron.lease.LeaseKeeper` (``etcdcron-lease``) and the keys from
 :class:`~etcdcron.leaderwatch.LeaderWatch` (``etcdcron-leader-watch``), which it starts.
+:meth:`Elector.resign`, :meth:`Elector.is_elected` and :meth:`Elector.wait_elected` may be
+called from any thread.
 
 Election states (State Transitions)::
 
@@ -11,16 +14,28 @@ Election states (State Transitions)::
     CLAIMING -> WAITING      key claimed; waiting for every replica to agree
     WAITING  -> ELECTED      quorum: the engine triggers the owned partitions
     ELECTED  -> WAITING      membership changed: stop, drain, acknowledge, wait for quorum again
-    any      -> BLOCKED      a leadership key cannot be decoded, or static totals disagree
+    any      -> BLOCKED      a leadership key cannot be decoded, static totals disagree, or this
+                             replica's own record cannot be encoded
     any      -> CLAIMING     the lease or the key was lost
+    any      -> RESIGNED     resign(): drained, key released; out for a growing backoff
+    RESIGNED -> CLAIMING     the backoff is over: claim again
     any      -> STOPPED
 
-Dynamic membership: every replica writes ``total`` = the number of leadership keys; a change of
-the key set (a key created or deleted, at revision C) makes every elected replica stop, wait for
-its triggers in flight, and write its key again. Quorum needs every key to show the same total
-N == the number of keys and a mod revision >= C, i.e. every replica has acknowledged the change
-after draining; only then does anyone trigger. Its index is its key's position among the sorted
-keys, and it owns the jobs with ``partition_id % N == index``.
+A session ends (``is_elected()`` is False from that moment, drain included) before the engine is
+told to drain, and a replica writes its key only while it holds no session.
+
+Dynamic membership: every replica writes ``total`` = the number of leadership keys it sees.
+Quorum is a function of the keys alone: with N keys, every key must show ``total == N`` and a
+mod revision at least the newest key's create revision (it was written after its replica saw
+every current member). A replica whose own key falls short ends its session, waits for its
+triggers in flight, and writes its key again; once every key qualifies, each replica owns the
+jobs with ``partition_id % N == index`` of its key among the sorted keys. Since the verdict
+depends on nothing but what etcd holds, every replica that sees the same keys reaches it: a
+change some replica saw and another missed (a replica that joined and left while one was frozen,
+a watch that fell behind compaction and listed again) cannot leave anyone waiting for an
+acknowledgement nobody will write. It is still safe: two replicas elected under different key
+sets would need a key that is in one set only, or totals that differ, and either makes the key
+written under the older view fall short until its replica has drained and written again.
 
 Static mode (``partition_id`` / ``partition_total``): the key is ``NS/leadership/<partition_id>``
 and the replica starts once every leadership key shows its total.
@@ -30,13 +45,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import EncodeError
 
 from etcdcron._etcd import EtcdClient, Stopped, cmp_create, op_put
 from etcdcron._pb import stored_pb2
@@ -45,8 +61,9 @@ from etcdcron.index import Ownership
 from etcdcron.keys import Keys
 from etcdcron.lease import LeaseKeeper
 from etcdcron.leaderwatch import LeaderWatch
+from etcdcron.supervise import STUCK_FAILURES, Loop
 
-__all__ = ["Elector", "ElectionState"]
+__all__ = ["Elector", "ElectionState", "ElectionBlocked", "quorum", "resign_backoff"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +73,19 @@ log = logging.getLogger(__name__)
 #: Sessions still end at once on any change; only the new election waits.
 SETTLE = 0.3
 
+#: Lease TTLs a replica waits for quorum before it warns (and again after as many more), naming
+#: the replicas it waits for.
+QUORUM_PATIENCE = 2.0
+
+#: Lease TTLs after a resignation within which the next one counts as "in a row".
+RESIGN_MEMORY = 6.0
+
+
+def resign_backoff(resignations: int, ttl: float) -> float:
+    """Seconds a replica stays out after its ``resignations``-th resignation in a row: half a
+    lease TTL, doubling each time, at most three TTLs."""
+    return min(3.0 * ttl, ttl / 2 * 2 ** min(resignations - 1, 16))
+
 
 class ElectionState(enum.Enum):
     CLAIMING = "claiming"
@@ -63,6 +93,7 @@ class ElectionState(enum.Enum):
     WAITING = "waiting"
     ELECTED = "elected"
     BLOCKED = "blocked"
+    RESIGNED = "resigned"
     STOPPED = "stopped"
 
 
@@ -74,11 +105,16 @@ _TRANSITIONS = {
     ElectionState.ELECTED: {ElectionState.WAITING, ElectionState.CLAIMING, ElectionState.BLOCKED},
     ElectionState.BLOCKED: {ElectionState.WAITING, ElectionState.CLAIMING, ElectionState.ELECTED,
                             ElectionState.PASSIVE},
+    ElectionState.RESIGNED: {ElectionState.CLAIMING},
     ElectionState.STOPPED: set(),
 }
 for _state in ElectionState:
     if _state is not ElectionState.STOPPED:
-        _TRANSITIONS[_state].add(ElectionState.STOPPED)
+        _TRANSITIONS[_state] |= {ElectionState.STOPPED, ElectionState.RESIGNED} - {_state}
+
+
+class ElectionBlocked(Exception):
+    """Why the election waits (shown as the election loop's last error in ``health()``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,23 +132,43 @@ class _Claim:
     mod_revision: int  # of our last write of the key
 
 
+def _membership(members: Mapping[bytes, _Member]) -> tuple:
+    return tuple((key, members[key].create_revision) for key in sorted(members))
+
+
+def quorum(members: Mapping[bytes, _Member]) -> list[bytes]:
+    """The keys that have not acknowledged the current members (sorted); none: quorum.
+
+    A key acknowledges them if it shows ``total`` = the number of keys and was written at or
+    after the newest key's creation. Every record must be decoded.
+    """
+    total = len(members)
+    newest = max((m.create_revision for m in members.values()), default=0)
+    return [key for key, m in sorted(members.items())
+            if m.record.total != total or m.mod_revision < newest]
+
+
 class Elector:
     """Runs the election on ``etcdcron-election`` and drives the engine.
 
     :param static: ``(partition_id, partition_total)`` for static mode, else ``None``.
     :param activate: called with the :class:`Ownership` once elected.
     :param deactivate: called before every rebalance and on stop; waits for triggers in flight.
+        :meth:`is_elected` is already False when it is called.
     :param on_elected: called with the ownership after each election (the Cron queues the user's
         ``on_leadership`` from it).
     :param stop: the Cron's stop event, which ends the leadership watch; the election itself
         ends with :meth:`halt`.
+    :param depends_on: other loops this replica's work needs (the engine's): after resigning,
+        it claims again only once none of them, nor the lease and leadership watch loops, is
+        failing (:data:`~etcdcron.supervise.STUCK_FAILURES` in a row, or dead).
     """
 
     def __init__(self, *, client: EtcdClient, keys: Keys, lease: LeaseKeeper, replica_id: str,
                  uid: int, replica_data, static: tuple[int, int] | None,
                  activate: Callable[[Ownership], None], deactivate: Callable[[], None],
                  on_elected: Callable[[Ownership], None], stop: threading.Event,
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, depends_on: Sequence[Loop] = ()):
         self._client = client
         self._log = logger or log
         self._keys = keys
@@ -128,28 +184,47 @@ class Elector:
         # Set by halt(): leave the loop, end the session; etcd calls of this thread abort on it.
         self._halt = threading.Event()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        # Guards _state and _ownership; notified on every state change.
+        # Guards _state, _ownership and _resignation; notified on every state change.
         self._cond = threading.Condition(threading.Lock())
         self._state = ElectionState.CLAIMING
-        self._ownership: Ownership | None = None
+        self._ownership: Ownership | None = None  # published once the engine is active
+        self._resignation: str | None = None  # why resign() was asked, until it is carried out
         # Only the election thread touches the rest.
+        self._session: Ownership | None = None  # the engine's session, until it is drained
         self._members: dict[bytes, _Member] = {}
         self._watched_revision = 0  # of the keys seen; 0 until the first snapshot
-        self._change_revision = 0
-        self._changed_at = 0.0  # monotonic time the change revision last moved
+        self._changed_at = 0.0  # monotonic time the membership last changed
         self._wake_at: float | None = None  # monotonic time the loop must evaluate again
         self._claim: _Claim | None = None
         self._ownership_membership: tuple = ()
         self._epoch = 0
         self._logged: set[str] = set()
-        self.watch = LeaderWatch(client, keys, stop, self._inbox.put, self._log)
-        self.thread = threading.Thread(target=self._run, name="etcdcron-election", daemon=True)
+        self._blocked = False  # whether the loop reported why it waits (no progress meanwhile)
+        self._waiting_since: float | None = None  # monotonic; for the quorum warning
+        self._warn_at = 0.0  # monotonic time of the next quorum warning
+        self._resignations = 0  # in a row
+        self._resigned_at = -math.inf  # monotonic
+        self._resigned_until = 0.0  # monotonic
+        self._runs = 0
+        lease.on_stuck = self.resign  # a lease that cannot be kept gives the partitions up
+        self.watch = LeaderWatch(client, keys, stop, self._inbox.put, self._log,
+                                 on_stuck=self.resign, stuck_after=lease.ttl)
+        self.loop = Loop("etcdcron-election", self._run, stopping=self._halt.is_set,
+                         wait=self._pause, on_stuck=self.resign, stuck_after=lease.ttl,
+                         logger=self._log)
+        self.thread = self.loop.thread
+        self._depends_on = (lease.loop, self.watch.loop, *depends_on)
 
     # -- any thread ------------------------------------------------------------------------------
 
+    @property
+    def loops(self) -> tuple[Loop, ...]:
+        """The supervised loops of this component (leader watch, election), for ``health()``."""
+        return (self.watch.loop, self.loop)
+
     def start(self) -> None:
         self.watch.start()
-        self.thread.start()
+        self.loop.start()
 
     def wake(self) -> None:
         self._inbox.put(("wake",))
@@ -164,11 +239,30 @@ class Elector:
 
     def is_elected(self) -> bool:
         ownership = self._ownership
-        return ownership is not None and self._lease.valid(ownership.lease_generation)
+        return (ownership is not None and self._resignation is None
+                and self._lease.valid(ownership.lease_generation))
 
     def wait_elected(self, timeout: float | None) -> bool:
         with self._cond:
             return self._cond.wait_for(self.is_elected, timeout)
+
+    def resign(self, why: str) -> None:
+        """Give this replica's partitions up for a while, because ``why`` (any thread).
+
+        From the moment this returns nothing more is triggered and :meth:`is_elected` is
+        False. The election thread then drains the session, revokes the lease (so the key goes
+        and the other replicas take the partitions over), stays out for
+        :func:`resign_backoff` (longer after each resignation in a row), and claims again.
+        """
+        with self._cond:
+            if self._halt.is_set() or self._state is ElectionState.STOPPED:
+                return
+            pending, self._resignation = self._resignation, why
+            self._cond.notify_all()
+        self._lease.end_generation()  # the session's triggers stop here, its results still land
+        if pending is None:
+            self._log.warning("replica %r resigns its partitions: %s", self.replica_id, why)
+        self.wake()
 
     def halt(self) -> None:
         """End the election: the thread drains the session and exits. Unlike the shared stop
@@ -192,85 +286,172 @@ class Elector:
             self._logged.add(text)
             self._log.log(level, "replica %r: %s", self.replica_id, text)
 
-    def _run(self) -> None:
+    def _pause(self, delay: float) -> bool:
+        """The supervisor's wait before it runs the loop again. Never reports stopping, so that
+        after a halt the loop runs once more and ends the session on its way out."""
+        self._halt.wait(delay)
+        return False
+
+    def _run(self, loop: Loop) -> None:
         try:
+            self._runs += 1
+            if self._runs > 1 and not self._halt.is_set():
+                self._recover()
             while not self._halt.is_set():
-                timeout = min(1.0, self._lease.valid_for()) if self._claim else 1.0
-                if self._wake_at is not None:
-                    timeout = min(timeout, self._wake_at - time.monotonic())
-                    self._wake_at = None
-                timeout = max(0.01, timeout)
-                try:
-                    message = self._inbox.get(timeout=timeout)
-                except queue.Empty:
-                    message = ("wake",)
-                self._take(message)
-                while True:
-                    try:
-                        self._take(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
+                self._receive()
                 if self._halt.is_set():
                     break
                 try:
+                    if self._resignation is not None:
+                        self._carry_out_resignation()
                     self._evaluate()
                 except Stopped:
                     break
+                except ElectionBlocked as exc:
+                    self._block(str(exc))
                 except EtcdError as exc:
-                    self._log.warning("replica %r: election step failed: %s", self.replica_id, exc)
+                    self._log.warning("replica %r: election step failed: %s", self.replica_id,
+                                      exc)
+                    loop.failed(exc)
+                else:
+                    self._blocked = False
+                    loop.progress()
         finally:
-            self._end_session("stopping")
-            self._set_state(ElectionState.STOPPED)
+            if self._halt.is_set():
+                try:
+                    self._end_session("stopping")
+                finally:
+                    self._set_state(ElectionState.STOPPED)
+
+    def _recover(self) -> None:
+        """The loop raised and runs again (the supervisor logged why): end the session and read
+        the keys afresh."""
+        self._end_session("the election loop restarted")
+        self.watch.relist()
+
+    def _receive(self) -> None:
+        """Wait for the next message (or the next time to look again), then take them all."""
+        timeout = min(1.0, self._lease.valid_for()) if self._claim else 1.0
+        if self._wake_at is not None:
+            timeout = min(timeout, self._wake_at - time.monotonic())
+            self._wake_at = None
+        try:
+            message = self._inbox.get(timeout=max(0.01, timeout))
+        except queue.Empty:
+            message = ("wake",)
+        self._take(message)
+        while True:
+            try:
+                self._take(self._inbox.get_nowait())
+            except queue.Empty:
+                break
 
     def _take(self, message: tuple) -> None:
         kind = message[0]
         if kind == "snapshot":
             _, kvs, revision = message
-            self._members = {kv.key: self._member(kv) for kv in kvs}
-            created = [m.create_revision for m in self._members.values()]
-            self._changed(max(created, default=0))
+            members = {kv.key: self._member(kv) for kv in kvs}
+            if _membership(members) != _membership(self._members):
+                self._changed_at = time.monotonic()
+            self._members = members
             self._watched_revision = revision
         elif kind == "events":
-            for event in message[1]:
+            _, events, revision = message
+            for event in events:
                 kv = event.kv
                 if event.type == event.DELETE:
-                    self._members.pop(kv.key, None)
-                    self._changed(kv.mod_revision)
+                    if self._members.pop(kv.key, None) is not None:
+                        self._changed_at = time.monotonic()
                 else:
+                    before = self._members.get(kv.key)
                     self._members[kv.key] = self._member(kv)
-                    if kv.version == 1:
-                        self._changed(kv.create_revision)
-                self._watched_revision = max(self._watched_revision, kv.mod_revision)
-
-    def _changed(self, revision: int) -> None:
-        if revision > self._change_revision:
-            self._change_revision = revision
-            self._changed_at = time.monotonic()
+                    if before is None or before.create_revision != kv.create_revision:
+                        self._changed_at = time.monotonic()
+            self._watched_revision = max(self._watched_revision, revision)
 
     @staticmethod
     def _member(kv) -> _Member:
         record = stored_pb2.Leadership()
         try:
             record.ParseFromString(kv.value)
-        except DecodeError:
+        except Exception:  # noqa: BLE001 - any value that does not parse is "undecodable"
             record = None
         return _Member(record, kv.create_revision, kv.mod_revision, kv.lease)
 
     def _end_session(self, why: str) -> None:
-        if self._ownership is None:
+        """Stop triggering (``is_elected()`` is False from here on), then drain."""
+        if self._session is None:
             return
         self._log.info("replica %r: leaving partition(s) %s of %d: %s", self.replica_id,
-                       sorted(self._ownership.indices), self._ownership.total, why)
+                       sorted(self._session.indices), self._session.total, why)
+        if self._state is ElectionState.ELECTED:
+            self._set_state(ElectionState.WAITING if self._claim else ElectionState.CLAIMING)
         self._deactivate()
-        self._set_state(ElectionState.WAITING if self._claim else ElectionState.CLAIMING)
+        self._session = None  # only now: if the drain raised, the next attempt drains again
+
+    def _block(self, why: str) -> None:
+        """Wait, visibly: BLOCKED, a warning, and the reason as the loop's last error."""
+        self._end_session(why)
+        self._log_once(logging.WARNING, "waiting: %s", why)
+        if self._state is not ElectionState.BLOCKED:
+            self._set_state(ElectionState.BLOCKED)
+        if not self._blocked:
+            self._blocked = True
+            self.loop.failed(ElectionBlocked(why))
 
     def _record(self, total: int) -> bytes:
-        record = stored_pb2.Leadership(total=total, uid=self._uid)
-        if self._replica_data is not None:
-            record.replica_data.CopyFrom(self._replica_data)
-        return record.SerializeToString()
+        try:
+            record = stored_pb2.Leadership(total=total, uid=self._uid)
+            if self._replica_data is not None:
+                record.replica_data.CopyFrom(self._replica_data)
+            return record.SerializeToString()
+        except (ValueError, TypeError, EncodeError) as exc:
+            raise ElectionBlocked(f"its leadership record (total {total!r}) cannot be "
+                                  f"encoded: {exc}") from exc
+
+    def _carry_out_resignation(self) -> None:
+        with self._cond:
+            why, self._resignation = self._resignation, None
+        try:
+            self._end_session(f"resigning: {why}")
+        finally:
+            self._claim = None
+            self._lease.release()  # deletes the key: the others take the partitions over
+            if self._state is not ElectionState.RESIGNED:
+                self._set_state(ElectionState.RESIGNED)
+            delay = self._stay_out()
+        self._log.info("replica %r: resigned (%d in a row); claiming again in %.1fs",
+                       self.replica_id, self._resignations, delay)
+
+    def _stay_out(self) -> float:
+        """Count one more resignation in a row and start its backoff; returns its length."""
+        now = time.monotonic()
+        if now - self._resigned_at > RESIGN_MEMORY * self._lease.ttl:
+            self._resignations = 0
+        self._resignations += 1
+        self._resigned_at = now
+        delay = resign_backoff(self._resignations, self._lease.ttl)
+        self._resigned_until = self._wake_at = now + delay
+        return delay
+
+    def _failing(self) -> list[str]:
+        """The loops this replica depends on that are failing now."""
+        return [h.name for h in (loop.health() for loop in self._depends_on)
+                if not h.alive or h.failures >= STUCK_FAILURES]
 
     def _evaluate(self) -> None:
+        if self._state is ElectionState.RESIGNED:
+            if time.monotonic() < self._resigned_until:
+                self._wake_at = self._resigned_until
+                return
+            failing = self._failing()
+            if failing:
+                delay = self._stay_out()
+                self._log.warning("replica %r: staying out another %.1fs: %s still failing",
+                                  self.replica_id, delay, ", ".join(failing))
+                return
+            self._log.info("replica %r: claiming again after resigning", self.replica_id)
+            self._set_state(ElectionState.CLAIMING)
         lease = self._lease.current()
         if lease is None:
             self._claim = None
@@ -299,21 +480,16 @@ class Elector:
             # Written again since the write we know of: one whose answer was lost (a deadline
             # passed after etcd applied it), or another writer's. The fence is what etcd holds.
             self._claim.mod_revision = mine.mod_revision
-        if self._ownership is not None and self._ownership.fence_revision != mine.mod_revision:
+        if self._session is not None and self._session.fence_revision != mine.mod_revision:
             self._end_session("its leadership key was written again")
         undecodable = sorted(k.decode(errors="replace") for k, m in self._members.items()
                              if m.record is None)
         if undecodable:
-            self._end_session("undecodable leadership key")
-            self._log_once(logging.WARNING, "waiting: leadership key(s) %s cannot be decoded",
-                           undecodable)
-            if self._state is not ElectionState.BLOCKED:
-                self._set_state(ElectionState.BLOCKED)
-            return
+            raise ElectionBlocked(f"leadership key(s) {undecodable} cannot be decoded")
         if self._static is not None:
             self._evaluate_static()
         else:
-            self._evaluate_dynamic(mine, lease_id)
+            self._evaluate_dynamic(lease_id)
 
     def _claim_key(self, lease_id: int, generation: int) -> None:
         if not self._watched_revision:
@@ -352,6 +528,7 @@ class Elector:
     def _hold(self, claim: _Claim, how: str) -> None:
         self._claim = claim
         self._logged.clear()
+        self._waiting_since = None
         self._log.info("replica %r: %s leadership key %r", self.replica_id, how,
                        self._key.decode())
         self._set_state(ElectionState.WAITING)
@@ -361,29 +538,30 @@ class Elector:
         others = {k.decode(errors="replace"): m.record.total for k, m in self._members.items()
                   if m.record.total != total}
         if others:
-            if self._ownership is None:
-                self._log_once(logging.WARNING, "not starting: this replica's partition total "
-                               "is %d but leadership key(s) say %s", total, others)
-                if self._state is not ElectionState.BLOCKED:
-                    self._set_state(ElectionState.BLOCKED)
+            if self._session is None:
+                raise ElectionBlocked(f"not starting: this replica's partition total is {total} "
+                                      f"but leadership key(s) say {others}")
             return
-        if self._ownership is None:
+        if self._session is None:
             self._elect(total, frozenset([partition_id]), ())
 
-    def _evaluate_dynamic(self, mine: _Member, lease_id: int) -> None:
+    def _evaluate_dynamic(self, lease_id: int) -> None:
         keys = sorted(self._members)
-        membership = tuple((k, self._members[k].create_revision) for k in keys)
+        membership = _membership(self._members)
         total = len(keys)
-        if self._ownership is not None:
+        if self._session is not None:
             if self._ownership_membership == membership:
                 return
             self._end_session(f"membership changed to {total} replica(s)")
-        if mine.record.total != total or mine.mod_revision < self._change_revision:
+        if self._state is ElectionState.BLOCKED:
+            self._set_state(ElectionState.WAITING)
+        lagging = quorum(self._members)
+        if self._key in lagging:
             settled_at = self._changed_at + SETTLE
             if time.monotonic() < settled_at:
                 self._wake_at = settled_at
                 return
-            # Acknowledge the change (after draining): write our key again with the new total.
+            # Acknowledge the members (after draining): write our key again with their number.
             response = self._client.txn(
                 [cmp_create(self._key, self._claim.create_revision)],
                 [op_put(self._key, self._record(total), lease=lease_id)],
@@ -391,9 +569,29 @@ class Elector:
             if response.succeeded:
                 self._claim.mod_revision = response.header.revision
             return
-        if all(m.record.total == total and m.mod_revision >= self._change_revision
-               for m in self._members.values()):
-            self._elect(total, frozenset([keys.index(self._key)]), membership)
+        if lagging:
+            self._warn_if_waiting_long(lagging)
+            return
+        self._elect(total, frozenset([keys.index(self._key)]), membership)
+
+    def _warn_if_waiting_long(self, lagging: list[bytes]) -> None:
+        """Warn when quorum has not come within :data:`QUORUM_PATIENCE` TTLs, and again after
+        each as many more, naming the replicas whose keys fall short."""
+        now = time.monotonic()
+        patience = QUORUM_PATIENCE * self._lease.ttl
+        if self._waiting_since is None:
+            self._waiting_since, self._warn_at = now, now + patience
+        if now < self._warn_at:
+            self._wake_at = self._warn_at
+            return
+        self._warn_at = now + patience
+        newest = max(m.create_revision for m in self._members.values())
+        who = ", ".join(f"{self._keys.replica_id(k)!r} (total {self._members[k].record.total} "
+                        f"at revision {self._members[k].mod_revision})" for k in lagging)
+        self._log.warning("replica %r: no quorum after %.0fs: waiting for %s to acknowledge the "
+                          "%d members (total %d, written at revision >= %d)", self.replica_id,
+                          now - self._waiting_since, who, len(self._members),
+                          len(self._members), newest)
 
     def _elect(self, total: int, indices: frozenset, membership: tuple) -> None:
         self._epoch += 1
@@ -406,6 +604,8 @@ class Elector:
                               lease_generation=self._claim.generation, epoch=self._epoch,
                               replicas=replicas)
         self._ownership_membership = membership
+        self._waiting_since = None
+        self._session = ownership  # from here on, ending the session drains the engine
         self._activate(ownership)
         self._set_state(ElectionState.ELECTED, ownership)
         self._log.info("replica %r: elected for partition(s) %s of %d", self.replica_id,
