@@ -13,6 +13,12 @@ starts from its true counter.
 Every counter write is a nested transaction inside one outer transaction per batch: the outer
 compares this session's leadership fence, each inner one compares the job's and the counter's
 mod revisions (so a stale owner, an old version or a concurrent writer changes nothing).
+
+Isolation by job: loading, triggering, planning and recording run per job inside their own
+``try``, so a record that cannot be scheduled, a trigger that raises anything, or a result
+etcd refuses affects that job alone. A refused result stays in flight and is written again
+with capped backoff until it succeeds, the job changes, or the session ends
+(:attr:`Engine.unrecorded` lists those jobs).
 """
 
 from __future__ import annotations
@@ -28,11 +34,20 @@ from etcd3.etcdrpc import kv_pb2
 
 import grpc
 
-from etcdcron._etcd import EtcdClient, Stopped, cmp_mod, op_delete, op_put, op_range, op_txn
+from etcdcron._etcd import (
+    Backoff,
+    EtcdClient,
+    Stopped,
+    cmp_mod,
+    op_delete,
+    op_put,
+    op_range,
+    op_txn,
+)
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.api import TriggerResult
 from etcdcron.errors import EtcdError, EtcdUnavailableError
-from etcdcron.index import JobIndex, JobState, Ownership, Phase, counter_of, decode_counter
+from etcdcron.index import JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
 from etcdcron.recorder import Outcome, Recorder
@@ -45,6 +60,9 @@ from etcdcron.workers import WorkerPool, to_result
 __all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
+
+#: Longest wait before a refused result is written again.
+REFUSED_RETRY_CAP = 10.0
 
 
 @dataclass(slots=True)
@@ -81,6 +99,11 @@ class Engine:
         self.index = JobIndex(self._log)
         # Notified (under the index lock) whenever a job leaves RUNNING.
         self._drained = threading.Condition(self.index.lock)
+        # Jobs whose result etcd refused, by name: (token, backoff, last error). Guarded by
+        # the index lock; written by the recorder thread.
+        self._refused: dict[str, tuple[int, Backoff, str]] = {}
+        # Versions that could not be scheduled, by name: (mod revision, why). Index lock.
+        self._unschedulable: dict[str, tuple[int, str]] = {}
         self.staging = staging
         self.timer = Timer(self._dispatch, clock, self._log)
         self.pool = WorkerPool(workers, self._run, self._log)
@@ -88,8 +111,25 @@ class Engine:
         self.informer = Informer(client, keys, self, stop, self._log)
 
     @property
+    def loops(self) -> list:
+        """The supervised loops of the engine's threads."""
+        return [self.informer.loop, self.timer.loop, self.recorder.loop, *self.pool.loops]
+
+    @property
     def threads(self) -> list[threading.Thread]:
-        return [self.informer.thread, self.timer.thread, self.recorder.thread, *self.pool.threads]
+        return [loop.thread for loop in self.loops]
+
+    @property
+    def unrecorded(self) -> list[str]:
+        """Jobs whose trigger result etcd has refused so far (it is being retried)."""
+        with self.index.lock:
+            return sorted(self._refused)
+
+    @property
+    def unschedulable(self) -> dict[str, str]:
+        """Owned job versions that cannot be scheduled, with the reason (they are skipped)."""
+        with self.index.lock:
+            return {name: why for name, (_, why) in sorted(self._unschedulable.items())}
 
     def start(self) -> None:
         self.informer.start()
@@ -114,6 +154,8 @@ class Engine:
     def deactivate(self, timeout: float) -> bool:
         """Stop triggering, wait up to ``timeout`` for results in flight, drop every job.
 
+        Results that etcd refused are not waited for: they would not be written in time.
+
         :returns: whether every result in flight was recorded in time.
         """
         with self.index.lock:
@@ -124,24 +166,40 @@ class Engine:
         self.timer.clear()
         self.staging.clear()
         with self._drained:
-            drained = self._drained.wait_for(lambda: self.index.running == 0, timeout)
+            drained = self._drained.wait_for(
+                lambda: self.index.running <= len(self._refused), timeout)
             if not drained:
                 self._log.warning("%d triggers still running after %.1fs; their results will be "
-                                  "ignored", self.index.running, timeout)
+                                  "ignored", self.index.running - len(self._refused), timeout)
+            if self._refused:
+                self._log.warning("dropping the unrecorded results of %d job(s): %s",
+                                  len(self._refused), ", ".join(sorted(self._refused)))
             self.index.clear_locked()
+            self._refused.clear()
+            self._unschedulable.clear()
         self._send(api_pb2.InformerEvent(drop_all=api_pb2.InformerEventDropAll()))
         return drained
 
     # -- informer thread -------------------------------------------------------------------------
 
+    def _decode(self, kv, ownership: Ownership) -> tuple[str, stored_pb2.Job] | None:
+        """The name and record of a job key, if it is one of this namespace's jobs and owned."""
+        name = self._keys.job_name(kv.key)
+        if name is None:
+            return None
+        record = decode_job_or_none(kv.value, name, kv.mod_revision, self._keys)
+        if record is None or not ownership.owns(record.partition_id):
+            return None
+        return name, record
+
     def load(self, ownership: Ownership, jobs: list, counters: dict, revision: int) -> None:
         """Take a full listing at ``revision``: load owned jobs, forget the ones not listed."""
         owned = []  # decoded before taking the lock: the timer and workers wait on it
         for kv in jobs:
-            name = self._keys.job_name(kv.key)
-            record = decode_job_or_none(kv.value, name, self._log)
-            if record is None or not ownership.owns(record.partition_id):
+            decoded = self._decode(kv, ownership)
+            if decoded is None:
                 continue
+            name, record = decoded
             counter_kv = counters.get(name)
             counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
             owned.append((name, record, kv.mod_revision, counter,
@@ -153,12 +211,11 @@ class Engine:
                 return
             self.index.caught_up_locked(revision)
             for entry in owned:
-                state = self.index.put_locked(*entry)
-                if state is not None:
-                    self._loaded_locked(state, ownership, arms)
+                self._put_locked(entry, ownership, arms)
             for name in self.index.names_locked():
                 if name not in listed:
                     self._forget_locked(name)
+            self._drained.notify_all()
         self.timer.arm_many(arms)
         self._log.debug("loaded %d owned jobs at revision %d", len(listed), revision)
 
@@ -168,39 +225,65 @@ class Engine:
             if self.index.ownership is not ownership:
                 return
             for event in events:
-                name = self._keys.job_name(event.kv.key)
-                if event.type == kv_pb2.Event.DELETE:
+                kv = event.kv
+                name = self._keys.job_name(kv.key)
+                if name is None:
+                    continue
+                decoded = None if event.type == kv_pb2.Event.DELETE else self._decode(kv, ownership)
+                if decoded is None:
                     self._forget_locked(name)
                     continue
-                record = decode_job_or_none(event.kv.value, name, self._log)
-                if record is None or not ownership.owns(record.partition_id):
-                    self._forget_locked(name)
-                    continue
-                state = self.index.put_locked(name, record, event.kv.mod_revision, None, 0)
-                if state is not None:
-                    self._loaded_locked(state, ownership, arms)
+                self._put_locked((name, decoded[1], kv.mod_revision, None, 0), ownership, arms)
             self.index.caught_up_locked(events[-1].kv.mod_revision)
+            self._drained.notify_all()
         self.timer.arm_many(arms)
+
+    def _put_locked(self, entry: tuple, ownership: Ownership, arms: list) -> None:
+        """Load one job version; one that cannot be scheduled is logged once and skipped."""
+        name, mod_revision = entry[0], entry[2]
+        try:
+            state = self.index.put_locked(*entry)
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
+            self._forget_locked(name)
+            self._unschedulable[name] = (mod_revision, str(exc) or type(exc).__name__)
+            self._keys.skip_once((name, mod_revision), "skipping job %r (revision %d): it "
+                                 "cannot be scheduled: %s", name, mod_revision,
+                                 self._unschedulable[name][1])
+            return
+        self._unschedulable.pop(name, None)
+        if state is not None:
+            self._loaded_locked(state, ownership, arms)
 
     def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
         self.staging.discard(state.name)
+        self._refused.pop(state.name, None)
         if self._emit is not None:
+            job = state.record.job
             put = api_pb2.InformerEventJobPut(name=state.name, mod_revision=state.mod_revision)
-            if state.request.HasField("metadata"):
-                put.metadata.CopyFrom(state.request.metadata)
-            if state.request.HasField("payload"):
-                put.payload.CopyFrom(state.request.payload)
+            if job.HasField("metadata"):
+                put.metadata.CopyFrom(job.metadata)
+            if job.HasField("payload"):
+                put.payload.CopyFrom(job.payload)
             self._emit(api_pb2.InformerEvent(put=put))
         self._arm_locked(state, ownership, arms)
 
     def _forget_locked(self, name: str, token: int | None = None) -> None:
+        self._unschedulable.pop(name, None)
         state = self.index.remove_locked(name, token)
         if state is None:
             return
+        self._refused.pop(name, None)
+        self.timer.discard(name)
         self._drained.notify_all()
         self.staging.discard(name)
         self._send(api_pb2.InformerEvent(delete=api_pb2.InformerEventJobDelete(
             name=name, mod_revision=state.mod_revision)))
+
+    def _idle_locked(self, state: JobState) -> None:
+        """Leave ``state`` waiting for the informer: nothing triggers or records it any more."""
+        self.index.set_phase_locked(state, Phase.IDLE)
+        self._refused.pop(state.name, None)
+        self._drained.notify_all()
 
     def _send(self, event: api_pb2.InformerEvent) -> None:
         if self._emit is not None:
@@ -212,6 +295,7 @@ class Engine:
             self.index.set_phase_locked(state, Phase.IDLE)
         elif state.next is None:
             self.index.set_phase_locked(state, Phase.RUNNING)
+            self.timer.discard(state.name)
             self.recorder.put(Outcome(state.name, state.token, ownership))
         else:
             self.index.set_phase_locked(state, Phase.ARMED)
@@ -221,36 +305,64 @@ class Engine:
 
     def _dispatch(self, entries: list[tuple[str, int]]) -> None:
         now = self._clock()
-        ready = []
+        ready, early = [], []
         with self.index.lock:
             if self.index.ownership is None:
                 return
             for name, token in entries:
                 state = self.index.get_locked(name, token)
-                if (state is None or state.phase is not Phase.ARMED
-                        or state.next.due.timestamp() > now):
+                if state is None or state.phase is not Phase.ARMED:
+                    continue
+                due = state.next.due.timestamp()
+                if due > now:  # the wall clock stepped back since the timer looked
+                    early.append((due, name, token))
                     continue
                 self.index.set_phase_locked(state, Phase.RUNNING)
                 ready.append((name, token))
+        self.timer.arm_many(early)
         self.pool.submit(ready)
 
     # -- worker threads --------------------------------------------------------------------------
 
     def _run(self, name: str, token: int) -> None:
+        try:
+            self._trigger_one(name, token)
+        except BaseException as exc:  # noqa: BLE001 - never leave a job RUNNING for nothing
+            self._log.error("job %r: triggering it failed; counting it as FAILED", name,
+                            exc_info=exc)
+            with self.index.lock:
+                state = self.index.get_locked(name, token)
+                ownership = self.index.ownership
+                if state is None or state.phase is not Phase.RUNNING or state.next is None:
+                    return
+                if ownership is None:
+                    self._idle_locked(state)
+                    return
+                tick = state.next.tick
+            self.recorder.put(Outcome(name, token, ownership, tick, TriggerResult.FAILED))
+
+    def _trigger_one(self, name: str, token: int) -> None:
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if state is None or state.phase is not Phase.RUNNING or state.next is None:
                 return
             ownership = self.index.ownership
             if ownership is None or not self._lease_valid(ownership.lease_generation):
-                self.index.set_phase_locked(state, Phase.IDLE)
-                self._drained.notify_all()
+                self._idle_locked(state)
                 return
-            request, tick = state.request, state.next.tick
+            job, tick = state.record.job, state.next.tick
+        # A request of its own for every trigger: one that the trigger changes is not handed
+        # to the next tick.
+        request = api_pb2.TriggerRequest(name=name)
+        if job.HasField("metadata"):
+            request.metadata.CopyFrom(job.metadata)
+        if job.HasField("payload"):
+            request.payload.CopyFrom(job.payload)
         try:
             value = self._trigger(request)
-        except Exception:
-            self._log.exception("trigger for job %r raised; counting it as FAILED", name)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit or a gevent Timeout too
+            self._log.error("trigger for job %r raised; counting it as FAILED", name,
+                            exc_info=exc)
             value = TriggerResult.FAILED
         if isinstance(value, Future):
             value.add_done_callback(
@@ -261,9 +373,10 @@ class Engine:
             self._finish(name, token, tick, ownership, value)
 
     def _finish(self, name: str, token: int, tick, ownership: Ownership, value: object) -> None:
+        """Hand a trigger's result on (a worker thread, or the thread that resolved its Future)."""
         try:
             result = to_result(value)
-        except TypeError as exc:
+        except Exception as exc:  # noqa: BLE001 - TypeError, or a value that fails to compare
             self._log.error("job %r: %s; counting it as FAILED", name, exc)
             result = TriggerResult.FAILED
         if result is not TriggerResult.UNDELIVERABLE:
@@ -299,8 +412,13 @@ class Engine:
             groups.setdefault(outcome.ownership, []).append(outcome)
         for ownership, outcomes in groups.items():
             plans = self._plan(outcomes)
-            if plans:
+            if not plans:
+                continue
+            try:
                 self._write(ownership, plans)
+            except Exception as exc:  # noqa: BLE001 - never strand a batch of jobs RUNNING
+                self._log.error("recording %d results failed", len(plans), exc_info=exc)
+                self._refuse(plans, exc)
 
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
         with self.index.lock:
@@ -311,25 +429,37 @@ class Engine:
         # only on this thread, and _apply checks the token again.
         plans = []
         for outcome, state in running:
-            if outcome.result is None:
-                counter, nxt = state.counter, None
-            else:
-                counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
-                nxt = pending(state.record, counter, state.schedule)
-            job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-            if nxt is None:
-                success = [op_delete(job_key), op_delete(counter_key)]
-            else:
-                success = [op_put(counter_key, counter.SerializeToString())]
-            op = op_txn([cmp_mod(job_key, state.mod_revision),
-                         cmp_mod(counter_key, state.counter_revision)],
-                        success, [op_range(job_key), op_range(counter_key)])
-            plans.append(_Plan(outcome, counter, nxt, op))
+            try:
+                plans.append(self._plan_one(outcome, state))
+            except Exception as exc:  # noqa: BLE001 - one job's outcome must not touch another's
+                self._log.error("job %r: its next tick cannot be computed (%s); it stops here on "
+                                "this replica until it is changed", state.name, exc,
+                                exc_info=exc)
+                with self.index.lock:
+                    if self.index.get_locked(state.name, state.token) is state:
+                        self._idle_locked(state)
+                        self._unschedulable[state.name] = (state.mod_revision, str(exc))
         return plans
+
+    def _plan_one(self, outcome: Outcome, state: JobState) -> _Plan:
+        if outcome.result is None:
+            counter, nxt = state.counter, None
+        else:
+            counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
+            nxt = pending(state.record, counter, state.schedule)
+        job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
+        if nxt is None:
+            success = [op_delete(job_key), op_delete(counter_key)]
+        else:
+            success = [op_put(counter_key, counter.SerializeToString())]
+        op = op_txn([cmp_mod(job_key, state.mod_revision),
+                     cmp_mod(counter_key, state.counter_revision)],
+                    success, [op_range(job_key), op_range(counter_key)])
+        return _Plan(outcome, counter, nxt, op)
 
     def _write(self, ownership: Ownership, plans: list[_Plan]) -> None:
         """Commit ``plans`` in one transaction fenced by ``ownership``; split it if etcd finds it
-        too big; give up only once the session is over."""
+        too big; retry later what etcd refuses; give up only once the session is over."""
         fence = [cmp_mod(ownership.fence_key, ownership.fence_revision)]
         while True:
             try:
@@ -348,7 +478,7 @@ class Engine:
                     self._write(ownership, plans[:half])
                     self._write(ownership, plans[half:])
                     return
-                self._abandon(plans, str(exc))
+                self._refuse(plans, exc)
                 return
             except Stopped:
                 self._abandon(plans, "stopping")
@@ -358,14 +488,34 @@ class Engine:
             return
         self._apply(ownership, plans, response)
 
+    def _refuse(self, plans: list[_Plan], exc: Exception) -> None:
+        """etcd refused these results (NOSPACE, a request too large, a permission): keep the
+        jobs in flight and write them again after a capped backoff."""
+        why = str(exc) or type(exc).__name__
+        with self.index.lock:
+            for plan in plans:
+                name, token = plan.outcome.name, plan.outcome.token
+                state = self.index.get_locked(name, token)
+                if state is None or state.phase is not Phase.RUNNING:
+                    continue
+                previous = self._refused.get(name)
+                backoff = (previous[1] if previous and previous[0] == token
+                           else Backoff(base=0.1, cap=REFUSED_RETRY_CAP))
+                if previous is None or previous[0] != token:
+                    self._log.error("job %r: etcd refused to record its result (%s); retrying "
+                                    "until it succeeds, the job changes or the session ends",
+                                    name, why)
+                self._refused[name] = (token, backoff, why)
+                self.recorder.retry_later(plan.outcome, backoff.next_delay())
+            self._drained.notify_all()
+
     def _abandon(self, plans: list[_Plan], why: str) -> None:
         self._log.warning("not recording %d trigger results: %s", len(plans), why)
         with self.index.lock:
             for plan in plans:
                 state = self.index.get_locked(plan.outcome.name, plan.outcome.token)
                 if state is not None and state.phase is Phase.RUNNING:
-                    self.index.set_phase_locked(state, Phase.IDLE)
-            self._drained.notify_all()
+                    self._idle_locked(state)
 
     def _apply(self, ownership: Ownership, plans: list[_Plan], response) -> None:
         arms: list = []
@@ -375,6 +525,9 @@ class Engine:
                 state = self.index.get_locked(name, token)
                 if state is None:
                     continue
+                if self._refused.get(name, (None,))[0] == token:
+                    del self._refused[name]
+                    self._log.info("job %r: its result was recorded after all", name)
                 inner = reply.response_txn
                 if inner.succeeded and plan.next is None:
                     self._forget_locked(name, token)
@@ -383,29 +536,39 @@ class Engine:
                 if inner.succeeded:
                     state.counter, state.counter_revision = plan.counter, response.header.revision
                     state.next = plan.next
-                elif not self._adopt_locked(state, inner):
-                    self.index.set_phase_locked(state, Phase.IDLE)
-                    continue
+                else:
+                    adopted = self._adopt_locked(state, inner)
+                    if adopted is None:
+                        self._idle_locked(state)
+                        continue
+                    if not adopted:
+                        self.recorder.put(plan.outcome)  # write the same result again
+                        continue
                 self._arm_locked(state, ownership, arms)
             self._drained.notify_all()
         self.timer.arm_many(arms)
 
-    def _adopt_locked(self, state: JobState, inner) -> bool:
-        """After a failed compare: take the counter etcd holds if the job is unchanged.
+    def _adopt_locked(self, state: JobState, inner) -> bool | None:
+        """After a failed compare, see what etcd holds.
 
-        :returns: False when the job itself changed (the informer brings the new version).
+        :returns: ``None`` when the job itself changed (the informer brings the new version);
+            ``True`` when another writer moved this version's counter (take it over, and
+            trigger from there); ``False`` when the counter there is absent or left by another
+            version: this result still stands and is to be written again over it.
         """
         job_kvs = inner.responses[0].response_range.kvs
         counter_kvs = inner.responses[1].response_range.kvs
         if not job_kvs or job_kvs[0].mod_revision != state.mod_revision:
+            return None
+        stored = None
+        state.counter_revision = counter_kvs[0].mod_revision if counter_kvs else 0
+        if counter_kvs:
+            stored = decode_counter(counter_kvs[0].value, state.name, self._log)
+        if stored is None or stored.job_partition_id != state.record.partition_id:
             return False
         self._log.info("counter of job %r was changed by another writer; continuing from it",
                        state.name)
-        stored, state.counter_revision = None, 0
-        if counter_kvs:
-            stored = decode_counter(counter_kvs[0].value, state.name, self._log)
-            state.counter_revision = counter_kvs[0].mod_revision
-        state.counter = counter_of(state.record, stored)
+        state.counter = stored
         state.next = pending(state.record, state.counter, state.schedule)
         return True
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from etcdcron._pb import api_pb2, stored_pb2
+from etcdcron._pb import stored_pb2
 from etcdcron.schedule import Schedule, parse_schedule
-from etcdcron.ticks import Pending, pending
+from etcdcron.ticks import Pending, pending, to_datetime
 
 __all__ = ["Phase", "JobState", "JobIndex", "Ownership", "counter_of", "decode_counter"]
 
@@ -82,6 +82,17 @@ def decode_counter(value: bytes, name: str,
     return counter
 
 
+def check_times(record: stored_pb2.Job, counter: stored_pb2.Counter) -> None:
+    """Raise ``ValueError`` if a time ``record`` or ``counter`` carries is out of range."""
+    for message, name in ((record, "start"), (record, "due_time"), (record, "expiration"),
+                          (counter, "last_trigger")):
+        if message.HasField(name):
+            try:
+                to_datetime(getattr(message, name))
+            except (OverflowError, ValueError):
+                raise ValueError(f"its {name} is out of range") from None
+
+
 def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> stored_pb2.Counter:
     """``counter`` if it belongs to this version of the job (same partition id), else a fresh
     one: a counter left by an older version of the name does not count."""
@@ -101,7 +112,6 @@ class JobState:
     counter: stored_pb2.Counter
     counter_revision: int  #: of NS/counters/NAME (0: absent), compared by every counter write
     token: int
-    request: api_pb2.TriggerRequest
     phase: Phase = Phase.IDLE
     next: Pending | None = None
 
@@ -165,11 +175,14 @@ class JobIndex:
     def put_locked(self, name: str, record: stored_pb2.Job, mod_revision: int,
                    counter: stored_pb2.Counter | None, counter_revision: int) -> JobState | None:
         """Load a version of ``name`` (replacing any other) and return it, or ``None`` when that
-        version is already loaded or cannot be scheduled. ``state.next`` is ``None`` for a job
-        that has nothing left to do (the caller deletes it).
+        version is already loaded. ``state.next`` is ``None`` for a job that has nothing left to
+        do (the caller deletes it).
 
         ``counter`` is used only if it belongs to this version (same partition id); an existing
         state of the same version keeps its newer in-memory counter.
+
+        :raises Exception: if this version cannot be scheduled (a schedule that does not parse,
+            a time out of range, ...); the index is then unchanged.
         """
         old = self._jobs.get(name)
         if old is not None and old.mod_revision == mod_revision:
@@ -180,24 +193,14 @@ class JobIndex:
             counter, counter_revision = old.counter, old.counter_revision
         else:
             counter = counter_of(record, counter)
-        try:
-            schedule = (parse_schedule(record.job.schedule) if record.job.HasField("schedule")
-                        else None)
-        except ValueError as exc:
-            self._log.warning("job %r has a schedule etcdcron cannot parse (%s); skipping it", name, exc)
-            self.remove_locked(name)
-            return None
-        request = api_pb2.TriggerRequest(name=name)
-        if record.job.HasField("metadata"):
-            request.metadata.CopyFrom(record.job.metadata)
-        if record.job.HasField("payload"):
-            request.payload.CopyFrom(record.job.payload)
-        state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
-                         counter=counter, counter_revision=counter_revision,
-                         token=next(self._tokens), request=request)
-        state.next = pending(record, counter, schedule)
+        check_times(record, counter)
+        schedule = parse_schedule(record.job.schedule) if record.job.HasField("schedule") else None
+        nxt = pending(record, counter, schedule)
         if old is not None:
             self.set_phase_locked(old, Phase.IDLE)
+        state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
+                         counter=counter, counter_revision=counter_revision,
+                         token=next(self._tokens), next=nxt)
         self._jobs[name] = state
         return state
 

@@ -83,6 +83,8 @@ class Health:
     :ivar threads: :class:`LoopHealth` by thread name.
     :ivar unrecorded: names of jobs whose trigger results etcd has refused so far; they are
         retried with backoff until written, the job changes, or the session ends.
+    :ivar unschedulable: owned jobs that cannot be scheduled (a record out of range, a schedule
+        that does not parse), with the reason; they are skipped until changed.
     """
 
     state: object
@@ -90,11 +92,14 @@ class Health:
     elected: bool
     threads: dict[str, LoopHealth] = field(default_factory=dict)
     unrecorded: tuple[str, ...] = ()
+    unschedulable: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """True when every thread is alive and without errors and every result was recorded."""
-        return all(t.ok for t in self.threads.values()) and not self.unrecorded
+        """True when every thread is alive and without errors, every result was recorded and
+        every owned job can be scheduled."""
+        return (all(t.ok for t in self.threads.values()) and not self.unrecorded
+                and not self.unschedulable)
 
     @property
     def problems(self) -> list[str]:
@@ -104,6 +109,8 @@ class Health:
                  for t in self.threads.values() if not t.ok]
         if self.unrecorded:
             lines.append(f"results not recorded yet for job(s): {', '.join(self.unrecorded)}")
+        lines += [f"job {name!r} cannot be scheduled: {why}"
+                  for name, why in self.unschedulable.items()]
         return lines
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 from etcdcron._pb import api_pb2
 from etcdcron.api import TriggerResult
+from etcdcron.supervise import Loop
 
 __all__ = ["WorkerPool", "to_result"]
 
@@ -44,30 +45,38 @@ def to_result(value: object) -> TriggerResult:
 
 
 class WorkerPool:
-    """``size`` threads running ``run(name, token)`` for each submitted item."""
+    """``size`` threads running ``run(name, token)`` for each submitted item.
+
+    Anything ``run`` raises for one item (``BaseException`` included) is logged with the job's
+    name, and the worker goes on with the next item.
+    """
 
     def __init__(self, size: int, run: Callable[[str, int], None],
                  logger: logging.Logger | None = None):
         self._run = run
         self._log = logger or log
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._loop, name=f"etcdcron-worker-{i}", daemon=True)
+        self._stopped = threading.Event()
+        self.loops = [
+            Loop(f"etcdcron-worker-{i}", self._loop, stopping=self._stopped.is_set,
+                 wait=self._stopped.wait, logger=self._log)
             for i in range(size)
         ]
+        self.threads = [loop.thread for loop in self.loops]
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        for loop in self.loops:
+            loop.start()
 
     def submit(self, items: Iterable[tuple[str, int]]) -> None:
         for item in items:
             self._queue.put(item)
 
     def stop(self) -> None:
+        self._stopped.set()
         self._queue.put(_STOP)
 
-    def _loop(self) -> None:
+    def _loop(self, loop: Loop) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -75,5 +84,6 @@ class WorkerPool:
                 return
             try:
                 self._run(*item)
-            except Exception:
-                self._log.exception("etcdcron worker failed running job %r", item[0])
+            except BaseException as exc:  # noqa: BLE001 - the worker goes on with the next job
+                self._log.error("etcdcron worker failed running job %r", item[0], exc_info=exc)
+            loop.progress()
