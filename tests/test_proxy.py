@@ -428,7 +428,6 @@ def test_a_partitioned_replica_loses_its_jobs_to_the_other_and_rejoins(make_cron
     started = time.monotonic()
     wait_until(lambda: not a.is_elected(), LEASE_TTL + 10, message="a to lose its election")
     lost_after = time.monotonic() - started
-    print(f"{fault}: a lost its election after {lost_after:.2f}s")
     assert lost_after < LEASE_TTL + 2, f"a held on for {lost_after:.1f}s with a {LEASE_TTL}s lease"
 
     wait_until(b.is_elected, 30, message="b to be elected alone")
@@ -453,8 +452,8 @@ def test_a_replica_behind_a_slow_link_keeps_its_lease_and_triggers(make_cron, pr
     assert cron.wait_elected(30)
     cron.add("tick", Job(schedule="@every 500ms"))
     calls.wait("tick", 2, timeout=20)
-    # It holds its lease for three lease periods through the slow keepalive stream.
-    assert _stays(cron.is_elected, 3 * LEASE_TTL)
+    # It holds its lease for two lease periods through the slow keepalive stream.
+    assert _stays(cron.is_elected, 2 * LEASE_TTL)
     assert calls.count("tick") >= 4
 
 
