@@ -42,6 +42,10 @@ __all__ = ["Cron", "CronState"]
 
 log = logging.getLogger("etcdcron")
 
+#: Seconds a session's end waits for triggers in flight before handing them over (at most a
+#: quarter of the lease TTL).
+DEFAULT_DRAIN_TIMEOUT = 2.0
+
 
 class CronState(enum.Enum):
     NEW = "new"
@@ -96,6 +100,10 @@ class Cron:
         starts or stops owning (``put``, ``delete``, ``drop_all`` before each rebalance and on
         stop).
     :param counter_gc_interval: seconds between sweeps of orphaned counters (default 180).
+    :param drain_timeout: seconds a session's end (a rebalance, a lost lease, a stop) waits for
+        triggers in flight; those still running then are handed over: their results are still
+        recorded when they finish, and the job's next owner waits for them (default
+        ``min(2, lease_ttl / 4)``).
     :param logger: where etcdcron logs (default ``logging.getLogger("etcdcron")``).
     :param request_timeout: how long a CRUD call keeps retrying a failing etcd, in seconds.
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
@@ -150,7 +158,8 @@ class Cron:
         self._workers = options.check_workers(workers)
         self._lease_ttl = math.ceil(options.seconds("lease_ttl", lease_ttl, 2,
                                                     options.MAX_LEASE_TTL))
-        self._drain_timeout = (self._lease_ttl if drain_timeout is None
+        self._drain_timeout = (min(DEFAULT_DRAIN_TIMEOUT, self._lease_ttl / 4)
+                               if drain_timeout is None
                                else options.seconds("drain_timeout", drain_timeout, 0))
         self._gc_interval = options.seconds("counter_gc_interval", counter_gc_interval, 0.001)
         self._replica_data = options.pack_replica_data(replica_data)
@@ -309,6 +318,8 @@ class Cron:
         # does the shared stop event make every other thread abandon its etcd retries.
         self._elector.halt()
         self._elector.thread.join(max(0.0, deadline - time.monotonic()))
+        # Triggers handed over when the session ended are still recorded, within the timeout.
+        self._engine.wait_handed_over(max(0.0, deadline - time.monotonic()))
         self._stop_event.set()
         self._elector.watch.stop()
         self._engine.stop()

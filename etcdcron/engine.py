@@ -14,6 +14,14 @@ Every counter write is a nested transaction inside one outer transaction per bat
 compares this session's leadership fence, each inner one compares the job's and the counter's
 mod revisions (so a stale owner, an old version or a concurrent writer changes nothing).
 
+Handing over: when a session ends while triggers still run (longer than the drain limit), this
+replica writes ``NS/inflight/NAME`` for each, bound to its lease and fenced by the session, and
+records their results later under that key instead of the session. The next owner of such a
+job loads it in HANDOFF and triggers nothing until the key is gone; then it reads the counter
+again and goes on from there. So a long trigger is never fired twice by a rebalance, and a
+rebalance never waits for it; only a replica that dies (its lease runs out) leaves its ticks to
+be fired again.
+
 Isolation by job: loading, triggering, planning and recording run per job inside their own
 ``try``, so a record that cannot be scheduled, a trigger that raises anything, or a result
 etcd refuses affects that job alone. A refused result stays in flight and is written again
@@ -28,11 +36,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from etcd3.etcdrpc import kv_pb2
+from etcd3.etcdrpc import rpc_pb2 as rpc
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from etcdcron._etcd import (
     Backoff,
@@ -50,10 +60,10 @@ from etcdcron.errors import EtcdError, EtcdUnavailableError
 from etcdcron.index import JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
-from etcdcron.recorder import Outcome, Recorder
+from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
-from etcdcron.ticks import Pending, after_result, pending
+from etcdcron.ticks import Pending, after_result, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
 
@@ -63,6 +73,8 @@ log = logging.getLogger(__name__)
 
 #: Longest wait before a refused result is written again.
 REFUSED_RETRY_CAP = 10.0
+#: How long the end of a session may spend writing the NS/inflight/ keys of running triggers.
+HAND_OVER_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -73,6 +85,23 @@ class _Plan:
     counter: stored_pb2.Counter
     next: Pending | None
     op: object
+
+
+@dataclass(slots=True)
+class _Handed:
+    """A trigger still running when its session ended; ``claimed`` once its NS/inflight/ key
+    is written (until then its result waits)."""
+
+    state: JobState
+    ownership: Ownership
+    claimed: bool = False
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.1, cap=REFUSED_RETRY_CAP))
+
+
+def _cmp_lease(key: bytes, lease_id: int) -> rpc.Compare:
+    """Whether ``key`` exists bound to ``lease_id``."""
+    return rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL,
+                       lease=lease_id)
 
 
 class Engine:
@@ -104,6 +133,12 @@ class Engine:
         self._refused: dict[str, tuple[int, Backoff, str]] = {}
         # Versions that could not be scheduled, by name: (mod revision, why). Index lock.
         self._unschedulable: dict[str, tuple[int, str]] = {}
+        # The NS/inflight/ keys of the namespace: name -> partition id of the version whose
+        # trigger runs elsewhere. Index lock; kept by the informer.
+        self._claims: dict[str, int] = {}
+        # Triggers of ended sessions still running here, handed over under NS/inflight/NAME:
+        # name -> _Handed. Index lock.
+        self._handed: dict[str, _Handed] = {}
         self.staging = staging
         self.timer = Timer(self._dispatch, clock, self._log)
         self.pool = WorkerPool(workers, self._run, self._log)
@@ -152,14 +187,16 @@ class Engine:
         self.informer.activate(ownership)
 
     def deactivate(self, timeout: float) -> bool:
-        """Stop triggering, wait up to ``timeout`` for results in flight, drop every job.
+        """Stop triggering, wait up to ``timeout`` for results in flight, hand over the triggers
+        still running, drop every job.
 
         Results that etcd refused are not waited for: they would not be written in time.
 
         :returns: whether every result in flight was recorded in time.
         """
         with self.index.lock:
-            if self.index.ownership is None:
+            ownership = self.index.ownership
+            if ownership is None:
                 return True
             self.index.set_ownership_locked(None)
         self.informer.deactivate()
@@ -168,17 +205,67 @@ class Engine:
         with self._drained:
             drained = self._drained.wait_for(
                 lambda: self.index.running <= len(self._refused), timeout)
-            if not drained:
-                self._log.warning("%d triggers still running after %.1fs; their results will be "
-                                  "ignored", self.index.running - len(self._refused), timeout)
-            if self._refused:
-                self._log.warning("dropping the unrecorded results of %d job(s): %s",
-                                  len(self._refused), ", ".join(sorted(self._refused)))
+            running = self.index.running_locked()
+            for state in running:
+                self._handed[state.name] = _Handed(state, ownership)
             self.index.clear_locked()
             self._refused.clear()
             self._unschedulable.clear()
+            self._claims.clear()
+        if running:
+            self._hand_over(ownership, running)
         self._send(api_pb2.InformerEvent(drop_all=api_pb2.InformerEventDropAll()))
         return drained
+
+    def _hand_over(self, ownership: Ownership, states: list[JobState]) -> None:
+        """Write NS/inflight/NAME for triggers still running at the end of ``ownership``'s
+        session, fenced by it (election thread). Those not written are dropped: their next
+        owner fires the tick again."""
+        claimed = set()
+        for start in range(0, len(states), MAX_BATCH):
+            batch = states[start:start + MAX_BATCH]
+            ops = [op_txn([cmp_mod(self._keys.job(state.name), state.mod_revision)],
+                          [op_put(self._keys.in_flight(state.name), stored_pb2.InFlight(
+                              job_partition_id=state.record.partition_id,
+                              tick=to_timestamp(state.next.tick)).SerializeToString(),
+                              lease=ownership.lease_id)])
+                   for state in batch]
+            try:
+                if not ownership.lease_id:
+                    raise EtcdError("the session's lease is not known")
+                response = self._client.txn(
+                    [cmp_mod(ownership.fence_key, ownership.fence_revision)], ops,
+                    deadline=time.monotonic() + HAND_OVER_TIMEOUT, stop=self._stop)
+            except (EtcdError, Stopped) as exc:
+                self._log.warning("could not hand over %d triggers still running (%s); their "
+                                  "next owners will fire them again", len(batch), exc)
+                continue
+            if response.succeeded:
+                claimed.update(state.name for state, reply in zip(batch, response.responses)
+                               if reply.response_txn.succeeded)
+        with self.index.lock:
+            for state in states:
+                handed = self._handed.get(state.name)
+                if handed is None or handed.state is not state:
+                    continue
+                if state.name in claimed:
+                    handed.claimed = True
+                else:
+                    del self._handed[state.name]
+        if claimed:
+            self._log.info("%d trigger(s) still running were handed over; their results will be "
+                           "recorded when they finish: %s", len(claimed), ", ".join(sorted(claimed)))
+
+    def wait_handed_over(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the results of handed-over triggers (on stop)."""
+        with self._drained:
+            return self._drained.wait_for(lambda: not self._handed, timeout)
+
+    @property
+    def handed_over(self) -> list[str]:
+        """Jobs whose trigger runs on here after this replica's session ended."""
+        with self.index.lock:
+            return sorted(self._handed)
 
     # -- informer thread -------------------------------------------------------------------------
 
@@ -192,9 +279,13 @@ class Engine:
             return None
         return name, record
 
-    def load(self, ownership: Ownership, jobs: list, counters: dict, revision: int) -> None:
-        """Take a full listing at ``revision``: load owned jobs, forget the ones not listed."""
+    def load(self, ownership: Ownership, jobs: list, counters: dict, claims: list,
+             revision: int) -> None:
+        """Take a full listing at ``revision``: load owned jobs, forget the ones not listed.
+
+        ``claims`` are the ``NS/inflight/`` keys at that revision."""
         owned = []  # decoded before taking the lock: the timer and workers wait on it
+        claimed = dict(filter(None, (self._decode_claim(kv) for kv in claims)))
         for kv in jobs:
             decoded = self._decode(kv, ownership)
             if decoded is None:
@@ -210,6 +301,7 @@ class Engine:
             if self.index.ownership is not ownership:
                 return
             self.index.caught_up_locked(revision)
+            self._claims = claimed
             for entry in owned:
                 self._put_locked(entry, ownership, arms)
             for name in self.index.names_locked():
@@ -226,6 +318,11 @@ class Engine:
                 return
             for event in events:
                 kv = event.kv
+                if kv.key.startswith(self._keys.inflight):
+                    self._claim_event_locked(event, ownership)
+                    continue
+                if not kv.key.startswith(self._keys.jobs):
+                    continue  # a nested namespace's key inside the watched range
                 name = self._keys.job_name(kv.key)
                 if name is None:
                     continue
@@ -237,6 +334,42 @@ class Engine:
             self.index.caught_up_locked(events[-1].kv.mod_revision)
             self._drained.notify_all()
         self.timer.arm_many(arms)
+
+    def _decode_claim(self, kv) -> tuple[str, int] | None:
+        """``(name, claimed partition id)`` of an ``NS/inflight/NAME`` key, if it is ours."""
+        name = self._keys.in_flight_name(kv.key)
+        if name is None:
+            return None
+        claim = stored_pb2.InFlight()
+        try:
+            claim.ParseFromString(kv.value)
+        except DecodeError:
+            self._keys.skip_once(kv.key, "in-flight key %r cannot be decoded; ignoring it",
+                                 kv.key)
+            return None
+        return name, claim.job_partition_id
+
+    def _claim_event_locked(self, event, ownership: Ownership) -> None:
+        """Another replica's trigger of a job started (put) or ended (delete) running."""
+        if event.type == kv_pb2.Event.DELETE:
+            name = self._keys.in_flight_name(event.kv.key)
+            if name is None or self._claims.pop(name, None) is None:
+                return
+            state = self.index.get_locked(name)
+            if state is not None and state.phase is Phase.HANDOFF:
+                # Its result is recorded (or its replica is gone): read the counter, then arm.
+                self.recorder.put(Outcome(name, state.token, ownership, refresh=True))
+            return
+        decoded = self._decode_claim(event.kv)
+        if decoded is None:
+            return
+        name, partition_id = decoded
+        self._claims[name] = partition_id
+        state = self.index.get_locked(name)
+        if (state is not None and state.phase is Phase.ARMED
+                and state.record.partition_id == partition_id):
+            self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(name)
 
     def _put_locked(self, entry: tuple, ownership: Ownership, arms: list) -> None:
         """Load one job version; one that cannot be scheduled is logged once and skipped."""
@@ -290,9 +423,13 @@ class Engine:
             self._emit(event)
 
     def _arm_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
-        """Put ``state`` where its ``next`` says: the timer, or the recorder to be deleted."""
+        """Put ``state`` where its ``next`` says: the timer, or the recorder to be deleted; or
+        in HANDOFF while another replica's trigger of it still runs."""
         if self.index.ownership is not ownership:
             self.index.set_phase_locked(state, Phase.IDLE)
+        elif self._claims.get(state.name) == state.record.partition_id:
+            self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(state.name)
         elif state.next is None:
             self.index.set_phase_locked(state, Phase.RUNNING)
             self.timer.discard(state.name)
@@ -385,6 +522,10 @@ class Engine:
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if state is None or state.phase is not Phase.RUNNING:
+                handed = self._handed.get(name)
+                if handed is not None and handed.state.token == token:
+                    # Handed over: nothing to stage here; let its next owner deliver it.
+                    self.recorder.put(Outcome(name, token, ownership, tick, result))
                 return
             if self.staging.park(name, token):
                 self.index.set_phase_locked(state, Phase.STAGED)
@@ -408,8 +549,16 @@ class Engine:
 
     def _commit(self, batch: list[Outcome]) -> None:
         groups: dict[Ownership, list[Outcome]] = {}
-        for outcome in batch:
-            groups.setdefault(outcome.ownership, []).append(outcome)
+        handed = []
+        with self.index.lock:
+            for outcome in batch:
+                entry = self._handed.get(outcome.name)
+                if entry is not None and entry.state.token == outcome.token:
+                    handed.append((outcome, entry))
+                else:
+                    groups.setdefault(outcome.ownership, []).append(outcome)
+        for outcome, entry in handed:
+            self._record_handed(outcome, entry)
         for ownership, outcomes in groups.items():
             plans = self._plan(outcomes)
             if not plans:
@@ -420,11 +569,18 @@ class Engine:
                 self._log.error("recording %d results failed", len(plans), exc_info=exc)
                 self._refuse(plans, exc)
 
+    @staticmethod
+    def _in_flight(state: JobState | None, outcome: Outcome) -> bool:
+        """Whether ``outcome`` is still to be recorded for ``state``."""
+        if state is None:
+            return False
+        return state.phase is (Phase.HANDOFF if outcome.refresh else Phase.RUNNING)
+
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
         with self.index.lock:
             running = [(outcome, state) for outcome in outcomes
-                       if (state := self.index.get_locked(outcome.name, outcome.token)) is not None
-                       and state.phase is Phase.RUNNING]
+                       if self._in_flight(state := self.index.get_locked(outcome.name,
+                                                                         outcome.token), outcome)]
         # The schedule math runs without the lock: a state's counter and counter revision change
         # only on this thread, and _apply checks the token again.
         plans = []
@@ -442,20 +598,56 @@ class Engine:
         return plans
 
     def _plan_one(self, outcome: Outcome, state: JobState) -> _Plan:
+        job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
+        compare = [cmp_mod(job_key, state.mod_revision),
+                   cmp_mod(counter_key, state.counter_revision)]
+        if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
+            return _Plan(outcome, state.counter, state.next,
+                         op_txn(compare, [], [op_range(job_key), op_range(counter_key)]))
         if outcome.result is None:
             counter, nxt = state.counter, None
         else:
             counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
             nxt = pending(state.record, counter, state.schedule)
-        job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
         if nxt is None:
             success = [op_delete(job_key), op_delete(counter_key)]
         else:
             success = [op_put(counter_key, counter.SerializeToString())]
-        op = op_txn([cmp_mod(job_key, state.mod_revision),
-                     cmp_mod(counter_key, state.counter_revision)],
-                    success, [op_range(job_key), op_range(counter_key)])
-        return _Plan(outcome, counter, nxt, op)
+        return _Plan(outcome, counter, nxt,
+                     op_txn(compare, success, [op_range(job_key), op_range(counter_key)]))
+
+    def _record_handed(self, outcome: Outcome, entry: _Handed) -> None:
+        """Record the result of a handed-over trigger under its NS/inflight/ key, and release
+        the key; a key that is gone (this replica's lease ran out) means the job moved on."""
+        state, ownership = entry.state, entry.ownership
+        if not entry.claimed:  # its key is being written: try again in a moment
+            self.recorder.retry_later(outcome, 0.05)
+            return
+        claim_key = self._keys.in_flight(state.name)
+        ops = []
+        if outcome.result is not TriggerResult.UNDELIVERABLE:
+            try:
+                ops.append(self._plan_one(outcome, state).op)
+            except Exception as exc:  # noqa: BLE001 - release the key, change nothing else
+                self._log.error("job %r: its next tick cannot be computed (%s)", state.name, exc)
+        try:
+            response = self._client.txn([_cmp_lease(claim_key, ownership.lease_id)],
+                                        [*ops, op_delete(claim_key)], [], stop=self._stop)
+        except Stopped:
+            return
+        except EtcdError as exc:
+            self._log.warning("job %r: recording its handed-over result: %s; retrying",
+                              state.name, exc)
+            self.recorder.retry_later(outcome, entry.backoff.next_delay())
+            return
+        if not response.succeeded:
+            self._log.warning("job %r: its in-flight key is gone (this replica's lease ran out); "
+                              "its result is dropped and its next owner fires it again",
+                              state.name)
+        with self.index.lock:
+            if self._handed.get(state.name) is entry:
+                del self._handed[state.name]
+                self._drained.notify_all()
 
     def _write(self, ownership: Ownership, plans: list[_Plan]) -> None:
         """Commit ``plans`` in one transaction fenced by ``ownership``; split it if etcd finds it
@@ -496,7 +688,7 @@ class Engine:
             for plan in plans:
                 name, token = plan.outcome.name, plan.outcome.token
                 state = self.index.get_locked(name, token)
-                if state is None or state.phase is not Phase.RUNNING:
+                if not self._in_flight(state, plan.outcome):
                     continue
                 previous = self._refused.get(name)
                 backoff = (previous[1] if previous and previous[0] == token
@@ -514,7 +706,7 @@ class Engine:
         with self.index.lock:
             for plan in plans:
                 state = self.index.get_locked(plan.outcome.name, plan.outcome.token)
-                if state is not None and state.phase is Phase.RUNNING:
+                if self._in_flight(state, plan.outcome):
                     self._idle_locked(state)
 
     def _apply(self, ownership: Ownership, plans: list[_Plan], response) -> None:
@@ -529,6 +721,12 @@ class Engine:
                     del self._refused[name]
                     self._log.info("job %r: its result was recorded after all", name)
                 inner = reply.response_txn
+                if plan.outcome.refresh:
+                    if not inner.succeeded and self._adopt_locked(state, inner) is None:
+                        self._idle_locked(state)
+                        continue
+                    self._arm_locked(state, ownership, arms)
+                    continue
                 if inner.succeeded and plan.next is None:
                     self._forget_locked(name, token)
                     self.index.mark_deleted_locked(name, response.header.revision)

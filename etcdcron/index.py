@@ -12,6 +12,8 @@ Job phases (State Transitions)::
                                                   |  \\--(recorder: no next tick)--> removed
                                                   |   \\--(recorder: conflict)--> IDLE
                                                   \\--(UNDELIVERABLE)--> STAGED --(prefix)--> RUNNING
+    (informer put, NS/inflight/NAME held by another replica) --> HANDOFF
+        --(that key deleted: recorder re-reads the counter)--> RUNNING --> ARMED
     (informer delete) --> removed;  (informer put of a new version) --> replaced (new token)
 
 A job's ``token`` is unique per loaded version (and per session): a heap entry, a queued trigger
@@ -42,6 +44,8 @@ class Phase(enum.Enum):
     RUNNING = "running"  #: handed to a worker; its result is not recorded yet
     STAGED = "staged"  #: undeliverable; parked until a deliverable prefix matches it
     IDLE = "idle"  #: waiting for the informer to replace or remove it
+    #: another replica's trigger of this version is still running (``NS/inflight/NAME``)
+    HANDOFF = "handoff"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class Ownership:
     :ivar lease_generation: the lease this session was elected under; it triggers only while
         that very lease is valid.
     :ivar epoch: increments with every session of this replica.
+    :ivar lease_id: the etcd lease of the session (triggers still running when it ends are
+        handed over under it).
     :ivar replicas: every replica's ``replica_data`` (an ``Any`` or ``None``), in key order.
     """
 
@@ -66,6 +72,7 @@ class Ownership:
     lease_generation: int = 0
     epoch: int = 0
     replicas: tuple = field(default=(), compare=False)
+    lease_id: int = 0
 
     def owns(self, partition_id: int) -> bool:
         return partition_id % self.total in self.indices
@@ -165,6 +172,10 @@ class JobIndex:
 
     def names_locked(self) -> list[str]:
         return list(self._jobs)
+
+    def running_locked(self) -> list[JobState]:
+        """The states whose trigger (or result) is in flight."""
+        return [state for state in self._jobs.values() if state.phase is Phase.RUNNING]
 
     def names(self) -> list[str]:
         with self.lock:

@@ -1,8 +1,8 @@
 """The informer thread (``etcdcron-watch``): keeps the job index in step with etcd.
 
-While this replica holds an ownership (a session), it lists ``NS/jobs/`` and ``NS/counters/`` page
-by page at one revision R, hands the owned jobs to the engine, then watches ``NS/jobs/`` from
-R + 1. A broken stream resumes from the last revision seen; a compacted one re-lists (the engine
+While this replica holds an ownership (a session), it lists ``NS/jobs/``, ``NS/counters/`` and
+``NS/inflight/`` page by page at one revision R, hands the owned jobs to the engine, then watches
+``NS/inflight/`` and ``NS/jobs/`` (one range: the first sorts just before the second) from R + 1. A broken stream resumes from the last revision seen; a compacted one re-lists (the engine
 reconciles). It never calls user code and never blocks on anything but etcd.
 """
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Informer:
     """Feeds ``engine.load`` and ``engine.apply_events`` for the current ownership.
 
-    :param engine: has ``load(ownership, jobs, counters, revision)`` and
+    :param engine: has ``load(ownership, jobs, counters, claims, revision)`` and
         ``apply_events(ownership, events)``.
     """
 
@@ -95,7 +95,8 @@ class Informer:
     def _follow(self, ownership: Ownership, loop: Loop) -> None:
         revision = self._load(ownership)
         loop.progress()
-        stream = self._client.watch(self._keys.jobs, prefix_end(self._keys.jobs), revision + 1)
+        stream = self._client.watch(self._keys.inflight, prefix_end(self._keys.jobs),
+                                    revision + 1)
         with self._cond:
             if self._ownership is not ownership:
                 stream.cancel()
@@ -106,8 +107,10 @@ class Informer:
             loop.progress()
 
     def _load(self, ownership: Ownership) -> int:
-        """List jobs and counters at one revision and hand them to the engine; return it."""
-        revision, jobs, counters = list_jobs_and_counters(self._client, self._keys,
-                                                          stop=self._stop, forever=True)
-        self._engine.load(ownership, jobs, counters, revision)
+        """List jobs, counters and in-flight keys at one revision and hand them to the engine;
+        return the revision."""
+        kw = {"stop": self._stop, "forever": True}
+        revision, jobs, counters = list_jobs_and_counters(self._client, self._keys, **kw)
+        _, claims = self._client.list_prefix(self._keys.inflight, revision=revision, **kw)
+        self._engine.load(ownership, jobs, counters, claims, revision)
         return revision

@@ -1,4 +1,5 @@
-"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``.
+"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``, and
+``NS/inflight/NAME`` (a trigger still running after its replica's session ended).
 
 Any thread. A key under one of these prefixes is this namespace's only if its last part is a
 name: UTF-8 and without ``/``. Anything else is skipped wherever keys are read: a key whose part
@@ -38,6 +39,8 @@ class Keys:
         self.jobs = f"{namespace}/jobs/".encode()
         self.counters = f"{namespace}/counters/".encode()
         self.leadership = f"{namespace}/leadership/".encode()
+        # Sorts just before jobs/, so that one watch of [inflight, end of jobs) sees both.
+        self.inflight = f"{namespace}/inflight/".encode()
         self._log = logger or log
         # Guards _skipped: the keys (or nested prefixes) already logged as skipped.
         self._lock = threading.Lock()
@@ -49,6 +52,9 @@ class Keys:
     def counter(self, name: str) -> bytes:
         return self.counters + name.encode()
 
+    def in_flight(self, name: str) -> bytes:
+        return self.inflight + name.encode()
+
     def leader(self, replica_id: str) -> bytes:
         return self.leadership + replica_id.encode()
 
@@ -59,6 +65,10 @@ class Keys:
     def counter_name(self, key: bytes) -> str | None:
         """The job name of a ``NS/counters/NAME`` key, or ``None`` if it is not one of ours."""
         return self._name(key, self.counters, "counter")
+
+    def in_flight_name(self, key: bytes) -> str | None:
+        """The job name of a ``NS/inflight/NAME`` key, or ``None`` if it is not one of ours."""
+        return self._name(key, self.inflight, "in-flight")
 
     def replica_id(self, key: bytes) -> str | None:
         """The replica id of a ``NS/leadership/ID`` key, or ``None`` if it is not one of ours."""

@@ -38,7 +38,9 @@ _STOP = object()
 class Outcome:
     """A result to record for one job version.
 
-    ``result`` is ``None`` for a job that has nothing left to do and is to be deleted.
+    ``result`` is ``None`` for a job that has nothing left to do and is to be deleted, or,
+    with ``refresh``, for a job whose counter is to be read again before it is armed (another
+    replica's trigger of it was just recorded).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Outcome:
     ownership: Ownership
     tick: datetime | None = None
     result: TriggerResult | None = None
+    refresh: bool = False
 
 
 class Recorder:
