@@ -31,7 +31,7 @@ from google.protobuf import (  # noqa: F401
     timestamp_pb2,
     wrappers_pb2,
 )
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.cron import Cron
@@ -39,6 +39,7 @@ from etcdcron.errors import EtcdCronError, EtcdError, ValidationError
 from etcdcron.keys import prefix_end
 from etcdcron.schedule import parse_go_duration
 from etcdcron.status import JobStatus, count_jobs, lease_ttl, membership
+from etcdcron.ticks import to_datetime
 
 __all__ = ["main", "build_parser"]
 
@@ -477,7 +478,7 @@ def _describe(event, keys, prefix: str) -> dict | None:
                 "name": name}
         try:
             line["total"] = stored_pb2.Leadership.FromString(event.kv.value).total
-        except Exception:  # noqa: BLE001 - shown as undecodable, whatever the decoder raised
+        except DecodeError:
             line["total"] = "undecodable"
         return line
     if not name.startswith(prefix):
@@ -488,7 +489,7 @@ def _describe(event, keys, prefix: str) -> dict | None:
         line = {"event": "job-added" if event.kv.version == 1 else "job-replaced", "name": name}
         try:
             record = stored_pb2.Job.FromString(event.kv.value)
-        except Exception:  # noqa: BLE001
+        except DecodeError:
             line["record"] = "undecodable"
             return line
         line["job"] = _message_dict(record.job)
@@ -500,13 +501,13 @@ def _describe(event, keys, prefix: str) -> dict | None:
         return None  # a counter goes with its job's deletion, which has its own line
     try:
         counter = stored_pb2.Counter.FromString(event.kv.value)
-    except Exception:  # noqa: BLE001
+        last = to_datetime(counter.last_trigger) if counter.HasField("last_trigger") else None
+    except (DecodeError, OverflowError):
         return {"event": "counter-updated", "name": name, "record": "undecodable"}
     line = {"event": "triggered" if counter.attempts == 0 else "trigger-failed", "name": name,
             "count": counter.count, "attempts": counter.attempts}
-    if counter.HasField("last_trigger"):
-        line["last_trigger"] = _time(datetime.fromtimestamp(
-            counter.last_trigger.seconds + counter.last_trigger.nanos / 1e9, timezone.utc))
+    if last is not None:
+        line["last_trigger"] = _time(last)
     return line
 
 

@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 
 from etcdcron import Job
 from etcdcron.testing import free_port, wait_until
-from tests.test_security import auth_etcd, openssl, pki  # noqa: F401 - fixtures
+from tests.test_security import auth_etcd, pki  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.etcd
 
