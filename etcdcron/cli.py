@@ -358,7 +358,8 @@ def _cmd_status(s: _Session) -> None:
                "static": members.static, "replicas": [
                    {"replica_id": r.replica_id, "index": r.index, "total": r.total,
                     "lease": f"{r.lease:x}", "ttl": ttls.get(r.lease),
-                    "replica_data": _any_dict(r.replica_data) if r.replica_data else None}
+                    "replica_data": (_any_dict(r.replica_data) if r.replica_data is not None
+                                     else None)}
                    for r in members.replicas]}, s.out)
         return
     if not members.replicas:
@@ -375,7 +376,8 @@ def _cmd_status(s: _Session) -> None:
         rows = [["REPLICA", "INDEX", "TOTAL", "LEASE", "TTL", "DATA"]]
         for r in members.replicas:
             ttl = ttls.get(r.lease)
-            data = json.dumps(_any_dict(r.replica_data), sort_keys=True) if r.replica_data else "-"
+            data = ("-" if r.replica_data is None
+                    else json.dumps(_any_dict(r.replica_data), sort_keys=True))
             rows.append([r.replica_id, _dash(r.index), _dash(r.total), f"{r.lease:x}",
                          "-" if ttl is None else f"{ttl}s", data])
         _table(rows, s.out)
