@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 from google.protobuf.message import Message
@@ -34,6 +34,7 @@ from etcdcron.keys import Keys
 from etcdcron.leadership import Elector, ElectionState, LeaseKeeper
 from etcdcron.notify import Notifier
 from etcdcron.staging import DeliverableHandle, Staging
+from etcdcron.status import JobStatus, LocalView, job_status, job_statuses
 from etcdcron.store import Store
 from etcdcron.supervise import Health, Loop
 from etcdcron.validation import validate_prefix
@@ -454,6 +455,28 @@ class Cron:
         if not prefixes:
             raise ValidationError("deliverable_prefixes needs at least one prefix")
         return self._staging.register(tuple(validate_prefix(p) for p in prefixes))
+
+    def status(self, name: str) -> JobStatus | None:
+        """Where the job ``name`` stands: its count, last and next trigger, owner; or ``None``.
+
+        Read from etcd with the engine's own rules, so it needs no :meth:`start`. ``staged`` is
+        known only on the replica that owns the job (``None`` elsewhere).
+
+        :raises EtcdCronError: if its stored record cannot be read.
+        """
+        self._check_open()
+        return job_status(self._client, self._keys, name, LocalView.of(self._elector,
+                                                                       self._staging))
+
+    def statuses(self, prefix: str = "") -> Iterator[JobStatus]:
+        """The status of every job whose name starts with ``prefix``, in name order.
+
+        An iterator that reads etcd page by page at one revision, so it suits namespaces of any
+        size; a job whose record cannot be read is logged and left out.
+        """
+        self._check_open()
+        return job_statuses(self._client, self._keys, prefix,
+                            LocalView.of(self._elector, self._staging), logger=self._log)
 
     def __repr__(self) -> str:
         return (f"<Cron namespace={self._keys.namespace!r} replica_id={self.replica_id!r} "
