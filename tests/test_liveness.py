@@ -369,6 +369,20 @@ def test_a_failure_inside_each_engine_thread_is_survived_and_shown(make_cron, ca
     assert cron.is_elected()
 
 
+def test_a_failure_inside_the_counter_collector_is_survived_and_shown(make_cron, calls,
+                                                                     monkeypatch):
+    cron = make_cron(calls.add, counter_gc_interval=0.1)
+    cron.start()
+    assert cron.wait_elected(10)
+    failed = fail_once(cron._collector, "sweep", monkeypatch)
+    assert failed.wait(10)
+    wait_until(lambda: cron._collector.loop.health().restarts == 1
+               and cron._collector.loop.health().failures == 0, 10,
+               message="the collector restarted and sweeping again")
+    health = cron.health().threads["etcdcron-gc"]
+    assert health.alive and health.last_error == "RuntimeError: injected"
+
+
 def test_an_unexpected_error_recording_a_batch_strands_no_job(make_cron, calls, monkeypatch):
     cron = make_cron(calls.add)
     cron.start()
