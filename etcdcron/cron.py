@@ -105,6 +105,11 @@ class Cron:
         triggers in flight; those still running then are handed over: their results are still
         recorded when they finish, and the job's next owner waits for them (default
         ``min(2, lease_ttl / 4)``).
+    :param trigger_timeout: seconds a trigger may take (until it returns, or its ``Future``
+        resolves) before it counts as FAILED and its failure policy applies; a result that
+        comes later is ignored. A synchronous trigger cannot be interrupted: its worker is
+        replaced (up to twice ``workers`` threads in all) and listed in ``health().stuck``
+        until it returns. Default: no limit.
     :param logger: where etcdcron logs (default ``logging.getLogger("etcdcron")``).
     :param request_timeout: how long a CRUD call keeps retrying a failing etcd, in seconds.
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
@@ -132,6 +137,7 @@ class Cron:
         consumer_sink: Callable | None = None,
         counter_gc_interval: float | timedelta = 180,
         drain_timeout: float | timedelta | None = None,
+        trigger_timeout: float | timedelta | None = None,
         logger: logging.Logger | None = None,
         request_timeout: float | timedelta = 10,
         ca_cert: str | None = None,
@@ -162,6 +168,8 @@ class Cron:
         self._drain_timeout = (min(DEFAULT_DRAIN_TIMEOUT, self._lease_ttl / 4)
                                if drain_timeout is None
                                else options.seconds("drain_timeout", drain_timeout, 0))
+        self._trigger_timeout = (None if trigger_timeout is None
+                                 else options.seconds("trigger_timeout", trigger_timeout, 0.001))
         self._gc_interval = options.seconds("counter_gc_interval", counter_gc_interval, 0.001)
         self._replica_data = options.pack_replica_data(replica_data)
         self._log = logger or log
@@ -241,7 +249,7 @@ class Cron:
         self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
                               workers=self._workers, lease_valid=self._lease.valid, emit=emit,
                               staging=self._staging, stop=stop, clock=self._clock,
-                              logger=self._log)
+                              trigger_timeout=self._trigger_timeout, logger=self._log)
         self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
                                            self._log)
         self._elector = Elector(client=self._client, keys=self._keys, lease=self._lease,
@@ -383,6 +391,7 @@ class Cron:
             threads={loop.name: loop.health() for loop in self._loops()},
             unrecorded=tuple(engine.unrecorded) if engine else (),
             unschedulable=engine.unschedulable if engine else {},
+            stuck=tuple(engine.pool.stuck()) if engine else (),
         )
 
     def is_elected(self) -> bool:

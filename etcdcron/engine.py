@@ -116,8 +116,9 @@ class Engine:
     def __init__(self, *, client: EtcdClient, keys: Keys, trigger: Callable, workers: int,
                  lease_valid: Callable[[int], bool], emit: Callable | None, staging: Staging,
                  stop: threading.Event, clock: Callable[[], float] = time.time,
-                 logger: logging.Logger | None = None):
+                 trigger_timeout: float | None = None, logger: logging.Logger | None = None):
         self._log = logger or log
+        self._trigger_timeout = trigger_timeout
         self._client = client
         self._keys = keys
         self._trigger = trigger
@@ -140,7 +141,7 @@ class Engine:
         # name -> _Handed. Index lock.
         self._handed: dict[str, _Handed] = {}
         self.staging = staging
-        self.timer = Timer(self._dispatch, clock, self._log)
+        self.timer = Timer(self._dispatch, clock, self._log, on_expired=self._expire)
         self.pool = WorkerPool(workers, self._run, self._log)
         self.recorder = Recorder(self._commit, self._log)
         self.informer = Informer(client, keys, self, stop, self._log)
@@ -208,6 +209,9 @@ class Engine:
             running = self.index.running_locked()
             for state in running:
                 self._handed[state.name] = _Handed(state, ownership)
+            self.timer.arm_deadlines([(state.deadline, ("handed", state.name),
+                                       (state.token, state.run))
+                                      for state in running if state.deadline])
             self.index.clear_locked()
             self._refused.clear()
             self._unschedulable.clear()
@@ -442,7 +446,7 @@ class Engine:
 
     def _dispatch(self, entries: list[tuple[str, int]]) -> None:
         now = self._clock()
-        ready, early = [], []
+        ready, early, deadlines = [], [], []
         with self.index.lock:
             if self.index.ownership is None:
                 return
@@ -454,34 +458,76 @@ class Engine:
                 if due > now:  # the wall clock stepped back since the timer looked
                     early.append((due, name, token))
                     continue
-                self.index.set_phase_locked(state, Phase.RUNNING)
-                ready.append((name, token))
+                ready.append(self._start_run_locked(state, deadlines))
         self.timer.arm_many(early)
+        self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
+
+    def _start_run_locked(self, state: JobState, deadlines: list) -> tuple[str, int, int]:
+        """Hand ``state``'s next delivery to a worker: RUNNING, a new run, and its deadline (to
+        be armed by the caller once the lock is released)."""
+        self.index.set_phase_locked(state, Phase.RUNNING)
+        state.run += 1
+        if self._trigger_timeout is not None:
+            state.deadline = self._clock() + self._trigger_timeout
+            deadlines.append((state.deadline, state.name, (state.token, state.run)))
+        return state.name, state.token, state.run
+
+    def _expire(self, entries: list[tuple]) -> None:
+        """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
+        result that still comes is ignored."""
+        outcomes, items = [], []
+        with self.index.lock:
+            for key, (token, run) in entries:
+                if isinstance(key, tuple):  # ("handed", name): handed over, still running here
+                    name = key[1]
+                    entry = self._handed.get(name)
+                    if entry is None or entry.state.token != token or entry.state.run != run:
+                        continue
+                    state, ownership = entry.state, entry.ownership
+                else:
+                    name, ownership = key, self.index.ownership
+                    state = self.index.get_locked(name, token)
+                    if (state is None or ownership is None or state.phase is not Phase.RUNNING
+                            or state.run != run):
+                        continue
+                self._log.warning("job %r: its trigger did not finish within %gs; counting it "
+                                  "as FAILED", name, self._trigger_timeout)
+                state.run += 1  # the trigger's own result, if it ever comes, is for no run
+                outcomes.append(Outcome(name, token, ownership, state.next.tick,
+                                        TriggerResult.FAILED, run=state.run))
+                items.append((name, token, run))
+        for outcome in outcomes:
+            self.recorder.put(outcome)
+        for item in items:
+            self.pool.expired(item)
 
     # -- worker threads --------------------------------------------------------------------------
 
-    def _run(self, name: str, token: int) -> None:
+    def _run(self, name: str, token: int, run: int) -> None:
         try:
-            self._trigger_one(name, token)
+            self._trigger_one(name, token, run)
         except BaseException as exc:  # noqa: BLE001 - never leave a job RUNNING for nothing
             self._log.error("job %r: triggering it failed; counting it as FAILED", name,
                             exc_info=exc)
             with self.index.lock:
                 state = self.index.get_locked(name, token)
                 ownership = self.index.ownership
-                if state is None or state.phase is not Phase.RUNNING or state.next is None:
+                if (state is None or state.phase is not Phase.RUNNING or state.next is None
+                        or state.run != run):
                     return
                 if ownership is None:
                     self._idle_locked(state)
                     return
                 tick = state.next.tick
-            self.recorder.put(Outcome(name, token, ownership, tick, TriggerResult.FAILED))
+            self.recorder.put(Outcome(name, token, ownership, tick, TriggerResult.FAILED,
+                                      run=run))
 
-    def _trigger_one(self, name: str, token: int) -> None:
+    def _trigger_one(self, name: str, token: int, run: int) -> None:
         with self.index.lock:
             state = self.index.get_locked(name, token)
-            if state is None or state.phase is not Phase.RUNNING or state.next is None:
+            if (state is None or state.phase is not Phase.RUNNING or state.next is None
+                    or state.run != run):
                 return
             ownership = self.index.ownership
             if ownership is None or not self._lease_valid(ownership.lease_generation):
@@ -503,13 +549,14 @@ class Engine:
             value = TriggerResult.FAILED
         if isinstance(value, Future):
             value.add_done_callback(
-                lambda future: self._finish(name, token, tick, ownership,
+                lambda future: self._finish(name, token, run, tick, ownership,
                                             self._future_value(name, future))
             )
         else:
-            self._finish(name, token, tick, ownership, value)
+            self._finish(name, token, run, tick, ownership, value)
 
-    def _finish(self, name: str, token: int, tick, ownership: Ownership, value: object) -> None:
+    def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
+                value: object) -> None:
         """Hand a trigger's result on (a worker thread, or the thread that resolved its Future)."""
         try:
             result = to_result(value)
@@ -517,32 +564,35 @@ class Engine:
             self._log.error("job %r: %s; counting it as FAILED", name, exc)
             result = TriggerResult.FAILED
         if result is not TriggerResult.UNDELIVERABLE:
-            self.recorder.put(Outcome(name, token, ownership, tick, result))
+            self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
             return
+        deadlines: list = []
         with self.index.lock:
             state = self.index.get_locked(name, token)
-            if state is None or state.phase is not Phase.RUNNING:
+            if state is None or state.phase is not Phase.RUNNING or state.run != run:
                 handed = self._handed.get(name)
                 if handed is not None and handed.state.token == token:
                     # Handed over: nothing to stage here; let its next owner deliver it.
-                    self.recorder.put(Outcome(name, token, ownership, tick, result))
+                    self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
                 return
             if self.staging.park(name, token):
                 self.index.set_phase_locked(state, Phase.STAGED)
                 self._drained.notify_all()
                 return
-        self.pool.submit([(name, token)])
+            item = self._start_run_locked(state, deadlines)  # deliverable already: again
+        self.timer.arm_deadlines(deadlines)
+        self.pool.submit([item])
 
     # -- deliverable prefixes (user's thread) ----------------------------------------------------
 
     def release(self, entries: list[tuple[str, int]]) -> None:
-        ready = []
+        ready, deadlines = [], []
         with self.index.lock:
             for name, token in entries:
                 state = self.index.get_locked(name, token)
                 if state is not None and state.phase is Phase.STAGED:
-                    self.index.set_phase_locked(state, Phase.RUNNING)
-                    ready.append((name, token))
+                    ready.append(self._start_run_locked(state, deadlines))
+        self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
 
     # -- recorder thread -------------------------------------------------------------------------
@@ -554,9 +604,10 @@ class Engine:
             for outcome in batch:
                 entry = self._handed.get(outcome.name)
                 if entry is not None and entry.state.token == outcome.token:
-                    handed.append((outcome, entry))
-                else:
-                    groups.setdefault(outcome.ownership, []).append(outcome)
+                    if outcome.run in (None, entry.state.run):
+                        handed.append((outcome, entry))
+                    continue  # otherwise: a late result of a handed trigger that timed out
+                groups.setdefault(outcome.ownership, []).append(outcome)
         for outcome, entry in handed:
             self._record_handed(outcome, entry)
         for ownership, outcomes in groups.items():
@@ -572,7 +623,7 @@ class Engine:
     @staticmethod
     def _in_flight(state: JobState | None, outcome: Outcome) -> bool:
         """Whether ``outcome`` is still to be recorded for ``state``."""
-        if state is None:
+        if state is None or (outcome.run is not None and outcome.run != state.run):
             return False
         return state.phase is (Phase.HANDOFF if outcome.refresh else Phase.RUNNING)
 

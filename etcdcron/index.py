@@ -121,6 +121,8 @@ class JobState:
     token: int
     phase: Phase = Phase.IDLE
     next: Pending | None = None
+    run: int = 0  #: increments with every delivery; a result of an earlier one is stale
+    deadline: float = 0.0  #: wall time by which the current delivery must have a result (0: none)
 
 
 class JobIndex:

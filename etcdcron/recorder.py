@@ -49,6 +49,7 @@ class Outcome:
     tick: datetime | None = None
     result: TriggerResult | None = None
     refresh: bool = False
+    run: int | None = None  #: the delivery this result is for (None: no delivery)
 
 
 class Recorder:

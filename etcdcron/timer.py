@@ -90,22 +90,28 @@ class TimerHeap:
 
 
 class Timer:
-    """Calls ``on_due(entries)`` on its own thread with the entries that fell due.
+    """Calls ``on_due(entries)`` on its own thread with the entries that fell due, and
+    ``on_expired(entries)`` with the trigger deadlines that passed (a second heap, so that a
+    running job's deadline and its next tick never replace each other).
 
-    If ``on_due`` raises, the entries it was given are armed again (due at once) and the
-    supervisor runs the loop again after a backoff.
+    If ``on_due`` or ``on_expired`` raises, the entries it was given are armed again (due at
+    once) and the supervisor runs the loop again after a backoff.
 
     :param clock: wall-clock seconds since the epoch (injected in tests).
     """
 
     def __init__(self, on_due: Callable[[list[tuple[str, int]]], None],
-                 clock: Callable[[], float] = time.time, logger: logging.Logger | None = None):
+                 clock: Callable[[], float] = time.time, logger: logging.Logger | None = None,
+                 on_expired: Callable[[list[tuple]], None] | None = None):
         self._on_due = on_due
+        self._on_expired = on_expired
         self._log = logger or log
         self._clock = clock
-        # Guards _heap and _stopping; notified when an earlier entry is armed or on stop.
+        # Guards _heap, _deadlines and _stopping; notified when an earlier entry is armed or on
+        # stop.
         self._cond = threading.Condition(threading.Lock())
         self._heap = TimerHeap()
+        self._deadlines = TimerHeap()
         self._stopping = False
         self.loop = Loop("etcdcron-timer", self._run, stopping=lambda: self._stopping,
                          wait=self._wait_stopping, logger=self._log)
@@ -127,9 +133,19 @@ class Timer:
         with self._cond:
             self._heap.discard(name)
 
+    def arm_deadlines(self, entries: list[tuple[float, object, object]]) -> None:
+        """Arm ``(when, key, token)`` deadlines; one per key, as for :meth:`arm_many`."""
+        if not entries:
+            return
+        with self._cond:
+            for when, key, token in entries:
+                self._deadlines.push(when, key, token)
+            self._cond.notify()
+
     def clear(self) -> None:
         with self._cond:
             self._heap.clear()
+            self._deadlines.clear()
 
     @property
     def size(self) -> int:
@@ -151,16 +167,27 @@ class Timer:
             with self._cond:
                 while not self._stopping:
                     now = self._clock()
-                    due = self._heap.pop_due(now)
-                    if due:
+                    due, expired = self._heap.pop_due(now), self._deadlines.pop_due(now)
+                    if due or expired:
                         break
-                    next_due = self._heap.next_due()
-                    wait = MAX_WAIT if next_due is None else min(MAX_WAIT, next_due - now)
+                    wait = MAX_WAIT
+                    for heap in (self._heap, self._deadlines):
+                        next_due = heap.next_due()
+                        if next_due is not None:
+                            wait = min(wait, next_due - now)
                     self._cond.wait(wait)
                 if self._stopping:
                     return
             try:
-                self._on_due(due)
+                if expired:
+                    self._on_expired(expired)
+            except BaseException:
+                self.arm_deadlines([(now, key, token) for key, token in expired])
+                self.arm_many([(now, name, token) for name, token in due])
+                raise
+            try:
+                if due:
+                    self._on_due(due)
             except BaseException:
                 self.arm_many([(now, name, token) for name, token in due])
                 raise

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 _LEVELS = {"info", "warning", "error", "exception", "critical"}
-_PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdrxfi]")
+_PLACEHOLDER = re.compile(r"%[-#0 +]*\d*(?:\.\d+)?[sdrxfgi]")
 
 
 def logged_messages() -> list[tuple[str, str]]:
