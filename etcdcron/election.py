@@ -127,7 +127,8 @@ class _Member:
 
 @dataclass(slots=True)
 class _Claim:
-    generation: int  # of the lease the key is bound to
+    lease_id: int  # the lease the key is bound to
+    generation: int  # of that lease
     create_revision: int
     mod_revision: int  # of our last write of the key
 
@@ -511,7 +512,7 @@ class Elector:
         if not response.succeeded:
             return  # somebody took it first; the watch will show who
         revision = response.header.revision
-        self._hold(_Claim(generation, revision, revision), "claimed")
+        self._hold(_Claim(lease_id, generation, revision, revision), "claimed")
 
     def _claim_own_key(self, holder: _Member, lease_id: int, generation: int) -> None:
         """The key holds this replica's own record: written under the current lease (by a claim
@@ -522,7 +523,7 @@ class Elector:
             if self._state is not ElectionState.CLAIMING:
                 self._set_state(ElectionState.CLAIMING)
             return
-        self._hold(_Claim(generation, holder.create_revision, holder.mod_revision),
+        self._hold(_Claim(lease_id, generation, holder.create_revision, holder.mod_revision),
                    "took up its own")
 
     def _hold(self, claim: _Claim, how: str) -> None:
@@ -602,7 +603,7 @@ class Elector:
         ownership = Ownership(total=total, indices=indices, fence_key=self._key,
                               fence_revision=self._claim.mod_revision,
                               lease_generation=self._claim.generation, epoch=self._epoch,
-                              replicas=replicas)
+                              replicas=replicas, lease_id=self._claim.lease_id)
         self._ownership_membership = membership
         self._waiting_since = None
         self._session = ownership  # from here on, ending the session drains the engine

@@ -83,6 +83,10 @@ class Health:
     :ivar threads: :class:`LoopHealth` by thread name.
     :ivar unrecorded: names of jobs whose trigger results etcd has refused so far; they are
         retried with backoff until written, the job changes, or the session ends.
+    :ivar unschedulable: owned jobs that cannot be scheduled (a record out of range, a schedule
+        that does not parse), with the reason; they are skipped until changed.
+    :ivar stuck: jobs whose synchronous trigger is still running past ``trigger_timeout`` (its
+        worker was replaced; the thread is freed once the trigger returns).
     """
 
     state: object
@@ -90,11 +94,15 @@ class Health:
     elected: bool
     threads: dict[str, LoopHealth] = field(default_factory=dict)
     unrecorded: tuple[str, ...] = ()
+    unschedulable: dict[str, str] = field(default_factory=dict)
+    stuck: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when every thread is alive and without errors and every result was recorded."""
-        return all(t.ok for t in self.threads.values()) and not self.unrecorded
+        """True when every thread is alive and without errors, every result was recorded and
+        every owned job can be scheduled."""
+        return (all(t.ok for t in self.threads.values()) and not self.unrecorded
+                and not self.unschedulable and not self.stuck)
 
     @property
     def problems(self) -> list[str]:
@@ -104,6 +112,9 @@ class Health:
                  for t in self.threads.values() if not t.ok]
         if self.unrecorded:
             lines.append(f"results not recorded yet for job(s): {', '.join(self.unrecorded)}")
+        lines += [f"job {name!r} cannot be scheduled: {why}"
+                  for name, why in self.unschedulable.items()]
+        lines += [f"job {name!r}: its trigger is stuck past its timeout" for name in self.stuck]
         return lines
 
 
