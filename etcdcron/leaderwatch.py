@@ -5,10 +5,10 @@
 what it sees to the election thread (:mod:`etcdcron.election`); after a compaction, an error, or
 :meth:`LeaderWatch.relist` it lists again.
 
-Only keys ``NS/leadership/ID`` whose ``ID`` is a replica id reach the election. A key whose id
-part holds a ``/`` belongs to a nested namespace (``NS/leadership/leadership/x`` is namespace
-``NS/leadership``'s) and is ignored silently; one whose id is empty or not UTF-8 cannot be any
-replica's, and is logged once and ignored.
+Only keys ``NS/leadership/ID`` whose ``ID`` is a replica id (:meth:`Keys.replica_id
+<etcdcron.keys.Keys.replica_id>`) reach the election: a key whose id part holds a ``/`` belongs
+to a nested namespace (``NS/leadership/leadership/x`` is namespace ``NS/leadership``'s), one
+whose id is empty or not UTF-8 is no replica's; they are logged once and ignored.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ from etcdcron.supervise import Loop
 __all__ = ["LeaderWatch"]
 
 log = logging.getLogger(__name__)
-
-#: How many distinct bad keys are remembered, so each is logged once (more are logged again).
-_REMEMBERED = 1000
-
 
 class LeaderWatch:
     """Lists and watches ``NS/leadership/``; delivers ``("snapshot", kvs, revision)`` and
@@ -49,7 +45,6 @@ class LeaderWatch:
         # Guards _stream, which stop() and relist() cancel from other threads.
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
-        self._bad: set[bytes] = set()  # keys logged as ignored (this thread only)
         self.loop = Loop("etcdcron-leader-watch", self._run, stopping=stop.is_set,
                          wait=stop.wait, on_stuck=on_stuck, stuck_after=stuck_after,
                          logger=self._log)
@@ -72,20 +67,7 @@ class LeaderWatch:
             stream.cancel()
 
     def _is_member_key(self, key: bytes) -> bool:
-        replica_id = key[len(self._keys.leadership):]
-        if b"/" in replica_id:
-            return False  # a nested namespace's key
-        try:
-            if replica_id and replica_id.decode():
-                return True
-        except UnicodeDecodeError:
-            pass
-        if key not in self._bad:
-            if len(self._bad) < _REMEMBERED:
-                self._bad.add(key)
-            self._log.warning("ignoring leadership key %r: %s is not a replica id", key,
-                              "an empty name" if not replica_id else "its name is not UTF-8")
-        return False
+        return self._keys.replica_id(key) is not None
 
     def _run(self, loop: Loop) -> None:
         prefix = self._keys.leadership
