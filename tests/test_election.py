@@ -42,6 +42,32 @@ def fire_shots(producer, fired, count: int = 20) -> set[str]:
     return {replica for replica, _ in new}
 
 
+def firing_pair(make_cron, fired, jobs: int = 8) -> tuple:
+    """Replicas ``a`` and ``b``, elected, both firing ``@every 300ms`` jobs; returns
+    ``(a, b, job names)``."""
+    a, b = start_replicas(make_cron, fired, ["a", "b"])
+    wait_all_elected([a, b])
+    names = {f"every-{i}" for i in range(jobs)}
+    for name in sorted(names):
+        a.add(name, Job(schedule="@every 300ms"))
+    wait_until(lambda: set(fired.per_job()) == names and fired.replicas() == {"a", "b"}, 15,
+               message="both replicas to fire")
+    return a, b, names
+
+
+def fired_since(fired, mark: int, replica: str) -> set[str]:
+    """The jobs ``replica`` fired after the first ``mark`` events."""
+    with fired._lock:
+        return {name for r, name in fired.events[mark:] if r == replica}
+
+
+def quorum_again(a, b, producer, fired) -> None:
+    """``a`` and ``b`` are elected together again, and every partition fires."""
+    wait_all_elected([a, b], 15)
+    assert ownership(a)[0] == ownership(b)[0] == 2
+    assert fire_shots(producer, fired) == {"a", "b"}
+
+
 def join_and_leave(make_cron, fired, client, namespace) -> None:
     """Replica ``c`` joins; once ``b`` has acknowledged it, it leaves; ``b`` acknowledges that."""
     c = make_cron(fired.trigger_for("c"), replica_id="c")
@@ -77,9 +103,7 @@ def test_a_join_and_leave_seen_in_one_evaluation_does_not_stall_quorum(
         join_and_leave(make_cron, fired, client, namespace)
     finally:
         release.set()
-    wait_all_elected([a, b], 15)
-    assert ownership(a)[0] == ownership(b)[0] == 2
-    assert fire_shots(producer, fired) == {"a", "b"}
+    quorum_again(a, b, producer, fired)
 
 
 @pytest.mark.etcd
@@ -101,9 +125,7 @@ def test_a_join_and_leave_a_replica_never_saw_does_not_stall_quorum(
     finally:
         dropping.clear()
     watch.relist()
-    wait_all_elected([a, b], 15)
-    assert ownership(a)[0] == ownership(b)[0] == 2
-    assert fire_shots(producer, fired) == {"a", "b"}
+    quorum_again(a, b, producer, fired)
 
 
 @pytest.mark.etcd
@@ -130,27 +152,16 @@ def test_a_quorum_not_reached_in_time_is_a_warning_naming_who_has_not_acknowledg
 def test_resign_moves_every_job_to_the_other_replica_and_it_rejoins_later(make_cron, fired,
                                                                          caplog):
     caplog.set_level(logging.INFO, logger="etcdcron")
-    a, b = start_replicas(make_cron, fired, ["a", "b"])
-    wait_all_elected([a, b])
-    names = {f"every-{i}" for i in range(8)}
-    for name in sorted(names):
-        a.add(name, Job(schedule="@every 300ms"))
-    wait_until(lambda: set(fired.per_job()) == names and fired.replicas() == {"a", "b"}, 15,
-               message="both replicas to fire")
-
+    a, b, names = firing_pair(make_cron, fired)
     a._elector.resign("a test asked")
     assert not a.is_elected()  # at once
     wait_until(lambda: ownership(b) == (1, (0,)), 10, message="b to take every partition")
     assert a.election_state is ElectionState.RESIGNED and not a.is_elected()
     mark = fired.total()
-
-    def fired_since(replica: str) -> set[str]:
-        with fired._lock:
-            return {n for r, n in fired.events[mark:] if r == replica}
-
-    wait_until(lambda: fired_since("b") == names, 10, message="every job to fire on b")
+    wait_until(lambda: fired_since(fired, mark, "b") == names, 10,
+               message="every job to fire on b")
     if a.election_state is ElectionState.RESIGNED:
-        assert fired_since("a") == set()
+        assert fired_since(fired, mark, "a") == set()
     warnings = [r for r in caplog.records if "resigns its partitions" in r.getMessage()]
     assert warnings and warnings[0].levelno == logging.WARNING
     assert "a test asked" in warnings[0].getMessage()
@@ -158,7 +169,7 @@ def test_resign_moves_every_job_to_the_other_replica_and_it_rejoins_later(make_c
     wait_all_elected([a, b], 20)  # rejoined after its backoff
     assert ownership(a)[0] == ownership(b)[0] == 2
     mark = fired.total()
-    wait_until(lambda: fired_since("a"), 10, message="a to fire again")
+    wait_until(lambda: fired_since(fired, mark, "a"), 10, message="a to fire again")
 
     # A second resignation soon after the first stays out twice as long.
     a._elector.resign("again")

@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from etcdcron import ElectionState, Job
+from etcdcron import ElectionState
 from etcdcron.supervise import STUCK_FAILURES
 from etcdcron.testing import wait_until
 from tests.test_cluster import fired, ownership, start_replicas, wait_all_elected  # noqa: F401
-from tests.test_election import fire_shots
+from tests.test_election import fire_shots, fired_since, firing_pair
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
 
@@ -72,12 +72,7 @@ def test_a_loop_that_keeps_failing_makes_the_replica_resign_until_it_works(make_
                                                                           monkeypatch, caplog,
                                                                           name):
     caplog.set_level(logging.INFO, logger="etcdcron")
-    a, b = start_replicas(make_cron, fired, ["a", "b"])
-    wait_all_elected([a, b])
-    names = {f"every-{i}" for i in range(8)}
-    for job in sorted(names):
-        a.add(job, Job(schedule="@every 300ms"))
-    wait_until(lambda: fired.replicas() == {"a", "b"}, 10, message="both replicas to fire")
+    a, b, names = firing_pair(make_cron, fired)
     loop = loop_named(a, name)
     healed = inject(monkeypatch, a, name, every_time=True)
 
@@ -89,17 +84,13 @@ def test_a_loop_that_keeps_failing_makes_the_replica_resign_until_it_works(make_
     assert health.last_error == "RuntimeError: injected failure"
     wait_until(lambda: ownership(b) == (1, (0,)), 15, message="b to take every partition")
     mark = fired.total()
-
-    def fired_since(replica: str) -> set[str]:
-        with fired._lock:
-            return {n for r, n in fired.events[mark:] if r == replica}
-
-    wait_until(lambda: fired_since("b") == names, 10, message="every job to fire on b")
+    wait_until(lambda: fired_since(fired, mark, "b") == names, 10,
+               message="every job to fire on b")
     if name != "etcdcron-election":  # (a broken election cannot even look)
         # Its backoff over, a stays out while the loop still fails.
         wait_until(lambda: f"{name} still failing" in caplog.text, 15,
                    message="a to stay out after its backoff")
-    assert a.election_state is ElectionState.RESIGNED and not fired_since("a")
+    assert a.election_state is ElectionState.RESIGNED and not fired_since(fired, mark, "a")
 
     healed.set()
     wait_until(lambda: loop.health().ok, 20, message="the loop to work again")
