@@ -17,7 +17,7 @@ Election states (State Transitions)::
     any      -> BLOCKED      a leadership key cannot be decoded, static totals disagree, or this
                              replica's own record cannot be encoded
     any      -> CLAIMING     the lease or the key was lost
-    any      -> RESIGNED     resign(): drained, key released; out for a growing backoff
+    any      -> RESIGNED     resign(): drained, key deleted; out for a growing backoff
     RESIGNED -> CLAIMING     the backoff is over: claim again
     any      -> STOPPED
 
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import EncodeError
 
-from etcdcron._etcd import EtcdClient, Stopped, cmp_create, op_put
+from etcdcron._etcd import EtcdClient, Stopped, cmp_create, op_delete, op_put
 from etcdcron._pb import stored_pb2
 from etcdcron.errors import EtcdError, LifecycleError
 from etcdcron.index import Ownership
@@ -251,9 +251,10 @@ class Elector:
         """Give this replica's partitions up for a while, because ``why`` (any thread).
 
         From the moment this returns nothing more is triggered and :meth:`is_elected` is
-        False. The election thread then drains the session, revokes the lease (so the key goes
-        and the other replicas take the partitions over), stays out for
-        :func:`resign_backoff` (longer after each resignation in a row), and claims again.
+        False. The election thread then drains the session, deletes its leadership key (so the
+        other replicas take the partitions over; the lease, which triggers handed over are
+        bound to, stays), stays out for :func:`resign_backoff` (longer after each resignation
+        in a row, and while a loop it depends on still fails), and claims again.
         """
         with self._cond:
             if self._halt.is_set() or self._state is ElectionState.STOPPED:
@@ -416,13 +417,27 @@ class Elector:
         try:
             self._end_session(f"resigning: {why}")
         finally:
-            self._claim = None
-            self._lease.release()  # deletes the key: the others take the partitions over
+            self._give_up_key()
             if self._state is not ElectionState.RESIGNED:
                 self._set_state(ElectionState.RESIGNED)
             delay = self._stay_out()
         self._log.info("replica %r: resigned (%d in a row); claiming again in %.1fs",
                        self.replica_id, self._resignations, delay)
+
+    def _give_up_key(self) -> None:
+        """Delete this replica's leadership key, so the others take its partitions over. The
+        lease stays: triggers handed over when the session ended are bound to it. If etcd
+        refuses, release the lease instead (it goes, or runs out, and the key with it)."""
+        claim, self._claim = self._claim, None
+        if claim is None:
+            return
+        try:
+            self._client.txn([cmp_create(self._key, claim.create_revision)],
+                             [op_delete(self._key)], stop=self._halt)
+        except EtcdError as exc:
+            self._log.warning("replica %r: could not delete its leadership key (%s); releasing "
+                              "its lease instead", self.replica_id, exc)
+            self._lease.release()
 
     def _stay_out(self) -> float:
         """Count one more resignation in a row and start its backoff; returns its length."""

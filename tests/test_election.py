@@ -15,6 +15,7 @@ from etcdcron._pb import stored_pb2
 from etcdcron.election import _TRANSITIONS, _Member, quorum, resign_backoff
 from etcdcron.keys import Keys
 from etcdcron.testing import bulk_add, wait_until
+from tests.test_handoff import Slow
 from tests.test_cluster import (  # noqa: F401 - fired and lone_elector are fixtures
     fired,
     lone_elector,
@@ -175,6 +176,34 @@ def test_resign_moves_every_job_to_the_other_replica_and_it_rejoins_later(make_c
     a._elector.resign("again")
     wait_until(lambda: "resigned (2 in a row); claiming again in 5.0s" in caplog.text, 10)
     assert "resigned (1 in a row); claiming again in 2.5s" in caplog.text
+
+
+@pytest.mark.etcd
+@pytest.mark.cluster
+def test_triggers_running_when_a_replica_resigns_are_handed_over_not_fired_again(make_cron,
+                                                                               client,
+                                                                               namespace):
+    # Resigning deletes the leadership key and keeps the lease: the NS/inflight/ keys of the
+    # triggers still running are bound to it, so the other replica waits for their results.
+    slow = Slow()
+    try:
+        a, b = (make_cron(slow.trigger_for(n), replica_id=n, workers=8) for n in ("a", "b"))
+        a.start()
+        b.start()
+        wait_all_elected([a, b])
+        names = [f"slow-{i}" for i in range(8)]
+        for name in names:
+            b.add(name, Job(due_time="0s"))
+        wait_until(lambda: sorted(slow.per_job()) == names, 10, message="every trigger to start")
+        assert slow.by("a") and slow.by("b")
+        a._elector.resign("a test asked")
+        wait_until(lambda: ownership(b) == (1, (0,)), 15, message="b to take every partition")
+        inflight = client.list_prefix(Keys(namespace).inflight)[1]
+        assert set(slow.by("a")) <= {Keys(namespace).in_flight_name(kv.key) for kv in inflight}
+    finally:
+        slow.release.set()
+    wait_until(lambda: not b.list(), 15, message="every result to be recorded")
+    assert slow.per_job() == {name: 1 for name in names}
 
 
 @pytest.mark.etcd
