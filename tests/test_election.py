@@ -14,7 +14,7 @@ from etcdcron import election
 from etcdcron._pb import stored_pb2
 from etcdcron.election import _TRANSITIONS, _Member, quorum, resign_backoff
 from etcdcron.keys import Keys
-from etcdcron.testing import bulk_add, wait_until
+from etcdcron.testing import EtcdProxy, bulk_add, wait_until
 from tests.test_handoff import Slow
 from tests.test_cluster import (  # noqa: F401 - fired and lone_elector are fixtures
     fired,
@@ -127,6 +127,30 @@ def test_a_join_and_leave_a_replica_never_saw_does_not_stall_quorum(
         dropping.clear()
     watch.relist()
     quorum_again(a, b, producer, fired)
+
+
+@pytest.mark.etcd
+@pytest.mark.cluster
+def test_a_join_and_leave_while_a_replica_is_cut_off_does_not_stall_quorum(
+        etcd, make_cron, fired, client, namespace, producer):
+    # The reproduction: a's connections to etcd are cut (through a proxy) while c joins
+    # and leaves; a's lease outlives the cut, and its watch resumes where it stopped.
+    proxy = EtcdProxy(etcd.endpoint).start()
+    try:
+        a = make_cron(fired.trigger_for("a"), replica_id="a", lease_ttl=10,
+                      endpoints=proxy.endpoint)
+        (b,) = start_replicas(make_cron, fired, ["b"], lease_ttl=10)
+        a.start()
+        wait_all_elected([a, b])
+        proxy.cut()
+        try:
+            join_and_leave(make_cron, fired, client, namespace)
+        finally:
+            proxy.heal()
+        assert a.is_elected()  # its lease held through the cut
+        quorum_again(a, b, producer, fired)
+    finally:
+        proxy.close()
 
 
 @pytest.mark.etcd
