@@ -43,7 +43,7 @@ def fire_shots(producer, fired, count: int = 20) -> set[str]:
     return {replica for replica, _ in new}
 
 
-def firing_pair(make_cron, fired, jobs: int = 8) -> tuple:
+def firing_pair(make_cron, fired, jobs: int = 16) -> tuple:
     """Replicas ``a`` and ``b``, elected, both firing ``@every 300ms`` jobs; returns
     ``(a, b, job names)``."""
     a, b = start_replicas(make_cron, fired, ["a", "b"])
@@ -211,11 +211,11 @@ def test_triggers_running_when_a_replica_resigns_are_handed_over_not_fired_again
     # triggers still running are bound to it, so the other replica waits for their results.
     slow = Slow()
     try:
-        a, b = (make_cron(slow.trigger_for(n), replica_id=n, workers=8) for n in ("a", "b"))
+        a, b = (make_cron(slow.trigger_for(n), replica_id=n, workers=16) for n in ("a", "b"))
         a.start()
         b.start()
         wait_all_elected([a, b])
-        names = [f"slow-{i}" for i in range(8)]
+        names = [f"slow-{i:02d}" for i in range(16)]  # on both replicas, but for 2**-15
         for name in names:
             b.add(name, Job(due_time="0s"))
         wait_until(lambda: sorted(slow.per_job()) == names, 10, message="every trigger to start")
