@@ -57,7 +57,7 @@ from etcdcron._etcd import (
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.api import TriggerResult
 from etcdcron.errors import EtcdError, EtcdUnavailableError
-from etcdcron.index import JobIndex, JobState, Ownership, Phase, decode_counter
+from etcdcron.index import IN_FLIGHT, JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
@@ -85,6 +85,7 @@ class _Plan:
     counter: stored_pb2.Counter
     next: Pending | None
     op: object
+    mod_revision: int  #: the job's revision the plan compares
 
 
 @dataclass(slots=True)
@@ -388,12 +389,20 @@ class Engine:
                                  self._unschedulable[name][1])
             return
         self._unschedulable.pop(name, None)
-        if state is not None:
+        if state is None:
+            return
+        if state.phase in IN_FLIGHT:  # the same version rewritten while a delivery is out
+            self._emit_put(state)
+        else:
             self._loaded_locked(state, ownership, arms)
 
     def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
         self.staging.discard(state.name)
         self._refused.pop(state.name, None)
+        self._emit_put(state)
+        self._arm_locked(state, ownership, arms)
+
+    def _emit_put(self, state: JobState) -> None:
         if self._emit is not None:
             job = state.record.job
             put = api_pb2.InformerEventJobPut(name=state.name, mod_revision=state.mod_revision)
@@ -402,7 +411,6 @@ class Engine:
             if job.HasField("payload"):
                 put.payload.CopyFrom(job.payload)
             self._emit(api_pb2.InformerEvent(put=put))
-        self._arm_locked(state, ownership, arms)
 
     def _forget_locked(self, name: str, token: int | None = None) -> None:
         self._unschedulable.pop(name, None)
@@ -433,6 +441,9 @@ class Engine:
             self.index.set_phase_locked(state, Phase.IDLE)
         elif self._claims.get(state.name) == state.record.partition_id:
             self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(state.name)
+        elif state.record.paused:
+            self.index.set_phase_locked(state, Phase.PAUSED)
             self.timer.discard(state.name)
         elif state.next is None:
             self.index.set_phase_locked(state, Phase.RUNNING)
@@ -629,15 +640,17 @@ class Engine:
 
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
         with self.index.lock:
-            running = [(outcome, state) for outcome in outcomes
+            # What the informer may change (a pause rewrites the record) is taken under the
+            # lock; a state's counter and counter revision change only on this thread.
+            running = [(outcome, state, (state.record, state.mod_revision, state.schedule))
+                       for outcome in outcomes
                        if self._in_flight(state := self.index.get_locked(outcome.name,
                                                                          outcome.token), outcome)]
-        # The schedule math runs without the lock: a state's counter and counter revision change
-        # only on this thread, and _apply checks the token again.
+        # The schedule math runs without the lock; _apply checks the token again.
         plans = []
-        for outcome, state in running:
+        for outcome, state, version in running:
             try:
-                plans.append(self._plan_one(outcome, state))
+                plans.append(self._plan_one(outcome, state, *version))
             except Exception as exc:  # noqa: BLE001 - one job's outcome must not touch another's
                 self._log.error("job %r: its next tick cannot be computed (%s); it stops here on "
                                 "this replica until it is changed", state.name, exc,
@@ -648,24 +661,24 @@ class Engine:
                         self._unschedulable[state.name] = (state.mod_revision, str(exc))
         return plans
 
-    def _plan_one(self, outcome: Outcome, state: JobState) -> _Plan:
+    def _plan_one(self, outcome: Outcome, state: JobState, record: stored_pb2.Job,
+                  mod_revision: int, schedule) -> _Plan:
         job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-        compare = [cmp_mod(job_key, state.mod_revision),
-                   cmp_mod(counter_key, state.counter_revision)]
+        compare = [cmp_mod(job_key, mod_revision), cmp_mod(counter_key, state.counter_revision)]
+        read = [op_range(job_key), op_range(counter_key)]
         if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
-            return _Plan(outcome, state.counter, state.next,
-                         op_txn(compare, [], [op_range(job_key), op_range(counter_key)]))
+            return _Plan(outcome, state.counter, state.next, op_txn(compare, [], read),
+                         mod_revision)
         if outcome.result is None:
             counter, nxt = state.counter, None
         else:
-            counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
-            nxt = pending(state.record, counter, state.schedule)
+            counter = after_result(record, state.counter, outcome.tick, outcome.result)
+            nxt = pending(record, counter, schedule)
         if nxt is None:
             success = [op_delete(job_key), op_delete(counter_key)]
         else:
             success = [op_put(counter_key, counter.SerializeToString())]
-        return _Plan(outcome, counter, nxt,
-                     op_txn(compare, success, [op_range(job_key), op_range(counter_key)]))
+        return _Plan(outcome, counter, nxt, op_txn(compare, success, read), mod_revision)
 
     def _record_handed(self, outcome: Outcome, entry: _Handed) -> None:
         """Record the result of a handed-over trigger under its NS/inflight/ key, and release
@@ -678,7 +691,8 @@ class Engine:
         ops = []
         if outcome.result is not TriggerResult.UNDELIVERABLE:
             try:
-                ops.append(self._plan_one(outcome, state).op)
+                ops.append(self._plan_one(outcome, state, state.record, state.mod_revision,
+                                          state.schedule).op)
             except Exception as exc:  # noqa: BLE001 - release the key, change nothing else
                 self._log.error("job %r: its next tick cannot be computed (%s)", state.name, exc)
         try:
@@ -785,6 +799,13 @@ class Engine:
                 if inner.succeeded:
                     state.counter, state.counter_revision = plan.counter, response.header.revision
                     state.next = plan.next
+                    if plan.mod_revision != state.mod_revision:  # rewritten in place meanwhile
+                        state.next = pending(state.record, state.counter, state.schedule)
+                elif plan.mod_revision != state.mod_revision:
+                    # The job was rewritten in place (paused, resumed) as this was written:
+                    # the result still stands; write it again against the new revision.
+                    self.recorder.put(plan.outcome)
+                    continue
                 else:
                     adopted = self._adopt_locked(state, inner)
                     if adopted is None:
