@@ -11,7 +11,13 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from etcd3.etcdrpc import rpc_pb2 as rpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from etcdcron import FailurePolicy, FailurePolicyConstant, Job, ValidationError
+from etcdcron._etcd import cmp_create, cmp_mod, op_delete, op_put, op_range, op_txn
+from etcdcron._pb import stored_pb2
+from etcdcron.keys import Keys
 from etcdcron.testing import wait_until
 from etcdcron.validation import MAX_NAME_BYTES, MAX_RECORD_BYTES
 from tests.test_validation import blob, job_of_size
@@ -23,6 +29,32 @@ def job_keys(client, namespace: str) -> list[bytes]:
     """The keys of jobs and counters in ``namespace``."""
     return [kv.key for prefix in ("jobs", "counters")
             for kv in client.list_prefix(f"{namespace}/{prefix}/".encode(), keys_only=True)[1]]
+
+
+ETCD_MAX_REQUEST_BYTES = 1_572_864  # etcd's default --max-request-bytes
+HEADER_BYTES = 1024  # etcd wraps a request with its id, user name and auth revision
+
+
+@pytest.mark.unit
+def test_the_largest_requests_fit_in_etcds_default_limit_with_16_kib_namespace_and_replica_id():
+    keys = Keys("n" * 16 * 1024)
+    name = "j" * MAX_NAME_BYTES
+    job, counter = keys.job(name), keys.counter(name)
+    record = b"r" * MAX_RECORD_BYTES
+    # Store.add_if_not_exists, the largest add: create-only compare, put, delete, range
+    add = rpc.TxnRequest(compare=[cmp_create(job, 0)],
+                         success=[op_put(job, record), op_delete(counter)],
+                         failure=[op_range(job)])
+    # one job's own result, inside the recorder's fenced transaction (Engine._plan)
+    stored = stored_pb2.Counter(job_partition_id=2**64 - 1, count=2**32 - 1, attempts=2**32 - 1,
+                                last_trigger=Timestamp(seconds=253402300799, nanos=999_999_999))
+    result = rpc.TxnRequest(
+        compare=[cmp_mod(keys.leader("r" * 16 * 1024), 2**62)],
+        success=[op_txn([cmp_mod(job, 2**62), cmp_mod(counter, 2**62)],
+                        [op_put(counter, stored.SerializeToString())],
+                        [op_range(job), op_range(counter)])])
+    for request in (add, result):
+        assert request.ByteSize() + HEADER_BYTES <= ETCD_MAX_REQUEST_BYTES
 
 
 @pytest.mark.parametrize("how", ["add", "add_if_not_exists"])
