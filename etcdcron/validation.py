@@ -144,8 +144,10 @@ def _check_size(field: str, message: Message) -> None:
         )
 
 
-def _check_time(field: str, value: str, moment: datetime) -> None:
+def _check_time(field: str, value: str | None, moment: datetime) -> None:
+    """:param value: the text ``moment`` was parsed from, or ``None`` for ``moment`` itself."""
     if not EARLIEST_TIME <= moment < LATEST_TIME:
+        value = moment.isoformat() if value is None else value
         raise ValidationError(
             f"invalid {field} {value!r}: {moment.isoformat()} is outside the times a job may "
             f"have, from {EARLIEST_TIME.isoformat()} to before {LATEST_TIME.isoformat()}"
@@ -188,7 +190,7 @@ def prepare_job(name: str, job: object, now: datetime) -> stored_pb2.Job:
         due = _point_in_time("due_time", job.due_time, now)
         record.due_time.CopyFrom(to_timestamp(due))
     else:
-        _check_time("start (the current time)", now.isoformat(), now)
+        _check_time("start (the current time)", None, now)
         record.start.CopyFrom(to_timestamp(now))
     if job.HasField("ttl"):
         expiration = _point_in_time("ttl", job.ttl, due or now)
