@@ -27,6 +27,7 @@ from etcdcron.errors import (
     ValidationError,
 )
 from etcdcron.leadership import ElectionState
+from etcdcron.status import JobStatus
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "InformerEvent",
     "Job",
     "JobExistsError",
+    "JobStatus",
     "LifecycleError",
     "ListResponse",
     "NamedJob",

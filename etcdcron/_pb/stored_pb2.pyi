@@ -42,3 +42,11 @@ class Leadership(_message.Message):
     uid: int
     replica_data: _any_pb2.Any
     def __init__(self, total: _Optional[int] = ..., uid: _Optional[int] = ..., replica_data: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+
+class InFlight(_message.Message):
+    __slots__ = ("job_partition_id", "tick")
+    JOB_PARTITION_ID_FIELD_NUMBER: _ClassVar[int]
+    TICK_FIELD_NUMBER: _ClassVar[int]
+    job_partition_id: int
+    tick: _timestamp_pb2.Timestamp
+    def __init__(self, job_partition_id: _Optional[int] = ..., tick: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
