@@ -730,7 +730,10 @@ class Engine:
                 self._abandon(plans, f"etcd unavailable ({exc}) after the session ended")
                 return
             except EtcdError as exc:
-                if exc.code == grpc.StatusCode.INVALID_ARGUMENT and len(plans) > 1:
+                # Too large: past etcd's limit (INVALID_ARGUMENT), or past its gRPC one, 512 KiB
+                # higher (RESOURCE_EXHAUSTED). One job's own transaction always fits.
+                if exc.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED) and len(plans) > 1:
                     half = len(plans) // 2
                     self._write(ownership, plans[:half])
                     self._write(ownership, plans[half:])

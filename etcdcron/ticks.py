@@ -2,6 +2,11 @@
 
 Pure functions of a stored job, its counter and its parsed schedule (DESIGN.md section 3). They
 run on whichever thread calls them (the informer, the recorder) and never read a clock.
+
+They never raise, whatever the record (one written by another implementation included): a time
+later than ``datetime`` holds (year 9999) is never reached, so a tick or a delivery there is
+none and the job is finished; a time earlier than it holds is long past; counts stop at the
+largest ``uint32``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ __all__ = [
 ]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_UINT32_MAX = 2**32 - 1
 
 #: What a job without a failure policy gets: retry every second, at most 3 times.
 DEFAULT_FAILURE_POLICY = api_pb2.FailurePolicy(
@@ -34,7 +41,20 @@ DEFAULT_FAILURE_POLICY = api_pb2.FailurePolicy(
 
 
 def to_datetime(ts: Timestamp) -> datetime:
+    """``ts`` as an aware datetime in UTC, truncated to microseconds.
+
+    :raises OverflowError: if ``ts`` is outside ``datetime``'s range.
+    """
     return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def _moment(ts: Timestamp) -> datetime | None:
+    """``ts`` as a datetime, the earliest datetime if it is earlier, ``None`` if it is later than
+    any datetime."""
+    try:
+        return to_datetime(ts)
+    except OverflowError:
+        return None if ts.seconds > 0 else _EARLIEST
 
 
 def to_timestamp(dt: datetime) -> Timestamp:
@@ -57,21 +77,28 @@ def next_tick(job: stored_pb2.Job, counter: stored_pb2.Counter,
     if schedule is None:
         if counter.count > 0:
             return None
-        tick = to_datetime(job.due_time)
+        tick = _moment(job.due_time)
     else:
         if job.job.HasField("repeats") and counter.count >= job.job.repeats:
             return None
         if counter.HasField("last_trigger"):
-            tick = schedule.next_after(to_datetime(counter.last_trigger))
+            tick = _after(schedule, counter.last_trigger)
         elif job.HasField("due_time"):
-            tick = to_datetime(job.due_time)
+            tick = _moment(job.due_time)
         else:
-            tick = schedule.next_after(to_datetime(job.start))
-        if tick is None:
-            return None
-    if job.HasField("expiration") and tick > to_datetime(job.expiration):
+            tick = _after(schedule, job.start)
+    if tick is None:
         return None
+    if job.HasField("expiration"):
+        expiration = _moment(job.expiration)
+        if expiration is not None and tick > expiration:
+            return None
     return tick
+
+
+def _after(schedule: Schedule, ts: Timestamp) -> datetime | None:
+    moment = _moment(ts)
+    return None if moment is None else schedule.next_after(moment)
 
 
 def _constant_policy(job: stored_pb2.Job) -> api_pb2.FailurePolicyConstant | None:
@@ -91,7 +118,12 @@ def pending(job: stored_pb2.Job, counter: stored_pb2.Counter,
     tick = next_tick(job, counter, schedule)
     if tick is None:
         return None
-    return Pending(tick, tick + counter.attempts * _retry_interval(job))
+    if not counter.attempts:
+        return Pending(tick, tick)
+    try:
+        return Pending(tick, tick + counter.attempts * _retry_interval(job))
+    except OverflowError:  # a retry after the year 9999 (or before the year 1) never comes
+        return None
 
 
 def _retries_left(job: stored_pb2.Job, attempts: int) -> bool:
@@ -109,10 +141,10 @@ def after_result(job: stored_pb2.Job, counter: stored_pb2.Counter, tick: datetim
     new.CopyFrom(counter)
     new.job_partition_id = job.partition_id
     if result == TriggerResult.FAILED:
-        new.attempts += 1
+        new.attempts = min(new.attempts + 1, _UINT32_MAX)
         if _retries_left(job, new.attempts):
             return new
     new.last_trigger.CopyFrom(to_timestamp(tick))
-    new.count += 1
+    new.count = min(new.count + 1, _UINT32_MAX)
     new.attempts = 0
     return new

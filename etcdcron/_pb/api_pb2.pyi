@@ -114,12 +114,12 @@ class InformerEventJobPut(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mod_revision: _Optional[int] = ..., metadata: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class InformerEventJobDelete(_message.Message):
-    __slots__ = ("name", "mod_revision")
-    NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("mod_revision", "name")
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
-    name: str
+    NAME_FIELD_NUMBER: _ClassVar[int]
     mod_revision: int
-    def __init__(self, name: _Optional[str] = ..., mod_revision: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, mod_revision: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class InformerEventDropAll(_message.Message):
     __slots__ = ()
