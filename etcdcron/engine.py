@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from etcd3.etcdrpc import kv_pb2
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -63,7 +64,8 @@ from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
-from etcdcron.ticks import Pending, after_result, pending, to_timestamp
+from etcdcron.schedule import parse_duration
+from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
 
@@ -479,10 +481,20 @@ class Engine:
         be armed by the caller once the lock is released)."""
         self.index.set_phase_locked(state, Phase.RUNNING)
         state.run += 1
-        if self._trigger_timeout is not None:
-            state.deadline = self._clock() + self._trigger_timeout
+        timeout = self._timeout_of(state.record)
+        if timeout is not None:
+            state.deadline = self._clock() + timeout
             deadlines.append((state.deadline, state.name, (state.token, state.run)))
         return state.name, state.token, state.run
+
+    def _timeout_of(self, record: stored_pb2.Job) -> float | None:
+        """The job's own ``trigger_timeout``, else the Cron's (``None``: no limit)."""
+        if record.job.HasField("trigger_timeout"):
+            try:
+                return parse_duration(record.job.trigger_timeout).total_seconds()
+            except ValueError:
+                pass  # validation refuses it; a foreign record's is ignored
+        return self._trigger_timeout
 
     def _expire(self, entries: list[tuple]) -> None:
         """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
@@ -503,7 +515,7 @@ class Engine:
                             or state.run != run):
                         continue
                 self._log.warning("job %r: its trigger did not finish within %gs; counting it "
-                                  "as FAILED", name, self._trigger_timeout)
+                                  "as FAILED", name, self._timeout_of(state.record) or 0)
                 state.run += 1  # the trigger's own result, if it ever comes, is for no run
                 outcomes.append(Outcome(name, token, ownership, state.next.tick,
                                         TriggerResult.FAILED, run=state.run))
@@ -544,7 +556,15 @@ class Engine:
             if ownership is None or not self._lease_valid(ownership.lease_generation):
                 self._idle_locked(state)
                 return
-            job, tick = state.record.job, state.next.tick
+            record, schedule, delivery = state.record, state.schedule, state.next
+            job, tick = record.job, delivery.tick
+        skip = catch_up(record, schedule, delivery,
+                        datetime.fromtimestamp(self._clock(), timezone.utc))
+        if skip is not None:  # the job's catch-up policy says: not this one
+            self._log.debug("job %r: skipping %d tick(s) up to %s (catch-up policy)", name,
+                            skip[1], skip[0].isoformat())
+            self.recorder.put(Outcome(name, token, ownership, tick, run=run, skip=skip))
+            return
         # A request of its own for every trigger: one that the trigger changes is not handed
         # to the next tick.
         request = api_pb2.TriggerRequest(name=name)
@@ -669,10 +689,13 @@ class Engine:
         if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
             return _Plan(outcome, state.counter, state.next, op_txn(compare, [], read),
                          mod_revision)
-        if outcome.result is None:
+        if outcome.skip is not None:
+            counter = after_skip(record, state.counter, *outcome.skip)
+            nxt = pending(record, counter, schedule)
+        elif outcome.result is None:
             counter, nxt = state.counter, None
         else:
-            counter = after_result(record, state.counter, outcome.tick, outcome.result)
+            counter = after_result(record, state.counter, outcome.tick, outcome.result, schedule)
             nxt = pending(record, counter, schedule)
         if nxt is None:
             success = [op_delete(job_key), op_delete(counter_key)]

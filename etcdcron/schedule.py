@@ -62,6 +62,7 @@ __all__ = [
     "CronSchedule",
     "EverySchedule",
     "Schedule",
+    "parse_duration",
     "parse_go_duration",
     "parse_point_in_time",
     "parse_schedule",
@@ -630,6 +631,38 @@ def parse_point_in_time(value: str, now: datetime) -> datetime:
             raise _out_of_range(value, reference) from None
         return _shift(reference, offset, value)
     raise ValueError(f"{value!r} is not an RFC 3339 time, a Go duration or an ISO 8601 duration")
+
+
+@functools.lru_cache(maxsize=1024)  # read on the hot path for jobs that carry one
+def parse_duration(value: str) -> timedelta:
+    """Parse a length of time: a Go duration (``90s``, ``1h30m``) or a fixed ISO 8601 duration
+    (``PT90S``, ``P1DT2H``, ``P2W``; not years or months, whose length varies).
+
+    :raises ValueError: if ``value`` is neither, is negative, a repeating form, or too long
+        for a Go duration (about 292 years).
+    """
+    text = value.strip()
+    if "/" in text:
+        raise ValueError(f"{value!r}: repeating intervals are not allowed, give a duration")
+    try:
+        duration = parse_go_duration(text)
+    except ValueError:
+        try:
+            duration = isodate.parse_duration(text)
+        except ArithmeticError:
+            raise ValueError(f"{value!r} is longer than Go's longest duration (about 292 "
+                             "years)") from None
+        except ValueError:
+            raise ValueError(f"{value!r} is not a Go duration (like '90s') or an ISO 8601 "
+                             "duration (like 'PT90S')") from None
+        if isinstance(duration, isodate.Duration):
+            raise ValueError(f"{value!r}: years and months have no fixed length; give days "
+                             "or weeks") from None
+    if duration < timedelta(0):
+        raise ValueError(f"{value!r} is negative")
+    if duration > timedelta(microseconds=(_GO_MAX_NANOS - 1) // 1000):
+        raise ValueError(f"{value!r} is longer than Go's longest duration (about 292 years)")
+    return duration
 
 
 def _parse_rfc3339(match: re.Match[str], value: str) -> datetime:

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.errors import ValidationError
-from etcdcron.schedule import parse_point_in_time, parse_schedule
+from etcdcron.schedule import parse_duration, parse_point_in_time, parse_schedule
 from etcdcron.ticks import DEFAULT_FAILURE_POLICY, to_timestamp
 
 __all__ = [
@@ -201,6 +201,14 @@ def prepare_job(name: str, job: object, now: datetime) -> stored_pb2.Job:
             )
         record.expiration.CopyFrom(to_timestamp(expiration))
     _check_failure_policy(job)
+    for field in ("catch_up_window", "trigger_timeout"):
+        if job.HasField(field):
+            try:
+                duration = parse_duration(getattr(job, field))
+            except ValueError as exc:
+                raise ValidationError(f"invalid {field} {getattr(job, field)!r}: {exc}") from exc
+            if field == "trigger_timeout" and not duration:
+                raise ValidationError(f"trigger_timeout must be positive, got {job.trigger_timeout!r}")
     if job.HasField("payload"):
         _check_size("payload", job.payload)
     if job.HasField("metadata"):
