@@ -22,6 +22,7 @@ from etcdcron.errors import (
     EtcdError,
     EtcdUnavailableError,
     JobExistsError,
+    JobNotFoundError,
     LifecycleError,
     StopTimeoutError,
     ValidationError,

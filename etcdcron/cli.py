@@ -196,6 +196,9 @@ def _status_dict(status: JobStatus) -> dict:
         "partition_id": str(status.partition_id),
         "owner": status.owner,
         "staged": status.staged,
+        "paused": status.paused,
+        "skipped": status.skipped,
+        "last_skipped": _time(status.last_skipped),
     }
 
 
@@ -342,6 +345,9 @@ def _print_status(s: _Session, status: JobStatus) -> None:
         ("owner", status.owner or "- (unknown: no replica, or a rebalance)"),
         ("staged", "unknown (only the owning replica knows)" if status.staged is None
          else str(status.staged).lower()),
+        ("paused", str(status.paused).lower()),
+        ("skipped", f"{status.skipped} (last {_relative(status.last_skipped, now)})"
+         if status.skipped else "0"),
     ], s.out)
 
 

@@ -445,6 +445,24 @@ class Cron:
         self._check_open()
         self._store.delete(name)
 
+    def pause(self, name: str) -> None:
+        """Pause the job ``name`` on every replica, across restarts: it keeps its counter and
+        fires nothing until :meth:`resume`. A trigger in flight finishes and is recorded.
+
+        :raises JobNotFoundError: (a ``LookupError``) if there is no such job.
+        """
+        self._check_open()
+        self._store.pause(name)
+
+    def resume(self, name: str) -> None:
+        """Resume the job ``name``. Ticks that came due while it was paused are skipped, never
+        caught up (a one-shot whose time passed meanwhile is finished and deleted).
+
+        :raises JobNotFoundError: (a ``LookupError``) if there is no such job.
+        """
+        self._check_open()
+        self._store.resume(name)
+
     def delete_prefixes(self, *prefixes: str) -> None:
         """Delete every job whose name starts with one of ``prefixes``, in one transaction."""
         self._check_open()

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from etcd3.etcdrpc import kv_pb2
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -57,13 +58,14 @@ from etcdcron._etcd import (
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.api import TriggerResult
 from etcdcron.errors import EtcdError, EtcdUnavailableError
-from etcdcron.index import JobIndex, JobState, Ownership, Phase, decode_counter
+from etcdcron.index import IN_FLIGHT, JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
-from etcdcron.ticks import Pending, after_result, pending, to_timestamp
+from etcdcron.schedule import parse_duration
+from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
 
@@ -85,6 +87,7 @@ class _Plan:
     counter: stored_pb2.Counter
     next: Pending | None
     op: object
+    mod_revision: int  #: the job's revision the plan compares
 
 
 @dataclass(slots=True)
@@ -388,12 +391,20 @@ class Engine:
                                  self._unschedulable[name][1])
             return
         self._unschedulable.pop(name, None)
-        if state is not None:
+        if state is None:
+            return
+        if state.phase in IN_FLIGHT:  # the same version rewritten while a delivery is out
+            self._emit_put(state)
+        else:
             self._loaded_locked(state, ownership, arms)
 
     def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
         self.staging.discard(state.name)
         self._refused.pop(state.name, None)
+        self._emit_put(state)
+        self._arm_locked(state, ownership, arms)
+
+    def _emit_put(self, state: JobState) -> None:
         if self._emit is not None:
             job = state.record.job
             put = api_pb2.InformerEventJobPut(name=state.name, mod_revision=state.mod_revision)
@@ -402,7 +413,6 @@ class Engine:
             if job.HasField("payload"):
                 put.payload.CopyFrom(job.payload)
             self._emit(api_pb2.InformerEvent(put=put))
-        self._arm_locked(state, ownership, arms)
 
     def _forget_locked(self, name: str, token: int | None = None) -> None:
         self._unschedulable.pop(name, None)
@@ -433,6 +443,9 @@ class Engine:
             self.index.set_phase_locked(state, Phase.IDLE)
         elif self._claims.get(state.name) == state.record.partition_id:
             self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(state.name)
+        elif state.record.paused:
+            self.index.set_phase_locked(state, Phase.PAUSED)
             self.timer.discard(state.name)
         elif state.next is None:
             self.index.set_phase_locked(state, Phase.RUNNING)
@@ -468,10 +481,20 @@ class Engine:
         be armed by the caller once the lock is released)."""
         self.index.set_phase_locked(state, Phase.RUNNING)
         state.run += 1
-        if self._trigger_timeout is not None:
-            state.deadline = self._clock() + self._trigger_timeout
+        timeout = self._timeout_of(state.record)
+        if timeout is not None:
+            state.deadline = self._clock() + timeout
             deadlines.append((state.deadline, state.name, (state.token, state.run)))
         return state.name, state.token, state.run
+
+    def _timeout_of(self, record: stored_pb2.Job) -> float | None:
+        """The job's own ``trigger_timeout``, else the Cron's (``None``: no limit)."""
+        if record.job.HasField("trigger_timeout"):
+            try:
+                return parse_duration(record.job.trigger_timeout).total_seconds()
+            except ValueError:
+                pass  # validation refuses it; a foreign record's is ignored
+        return self._trigger_timeout
 
     def _expire(self, entries: list[tuple]) -> None:
         """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
@@ -492,7 +515,7 @@ class Engine:
                             or state.run != run):
                         continue
                 self._log.warning("job %r: its trigger did not finish within %gs; counting it "
-                                  "as FAILED", name, self._trigger_timeout)
+                                  "as FAILED", name, self._timeout_of(state.record) or 0)
                 state.run += 1  # the trigger's own result, if it ever comes, is for no run
                 outcomes.append(Outcome(name, token, ownership, state.next.tick,
                                         TriggerResult.FAILED, run=state.run))
@@ -533,7 +556,15 @@ class Engine:
             if ownership is None or not self._lease_valid(ownership.lease_generation):
                 self._idle_locked(state)
                 return
-            job, tick = state.record.job, state.next.tick
+            record, schedule, delivery = state.record, state.schedule, state.next
+            job, tick = record.job, delivery.tick
+        skip = catch_up(record, schedule, delivery,
+                        datetime.fromtimestamp(self._clock(), timezone.utc))
+        if skip is not None:  # the job's catch-up policy says: not this one
+            self._log.debug("job %r: skipping %d tick(s) up to %s (catch-up policy)", name,
+                            skip[1], skip[0].isoformat())
+            self.recorder.put(Outcome(name, token, ownership, tick, run=run, skip=skip))
+            return
         # A request of its own for every trigger: one that the trigger changes is not handed
         # to the next tick.
         request = api_pb2.TriggerRequest(name=name)
@@ -629,15 +660,17 @@ class Engine:
 
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
         with self.index.lock:
-            running = [(outcome, state) for outcome in outcomes
+            # What the informer may change (a pause rewrites the record) is taken under the
+            # lock; a state's counter and counter revision change only on this thread.
+            running = [(outcome, state, (state.record, state.mod_revision, state.schedule))
+                       for outcome in outcomes
                        if self._in_flight(state := self.index.get_locked(outcome.name,
                                                                          outcome.token), outcome)]
-        # The schedule math runs without the lock: a state's counter and counter revision change
-        # only on this thread, and _apply checks the token again.
+        # The schedule math runs without the lock; _apply checks the token again.
         plans = []
-        for outcome, state in running:
+        for outcome, state, version in running:
             try:
-                plans.append(self._plan_one(outcome, state))
+                plans.append(self._plan_one(outcome, state, *version))
             except Exception as exc:  # noqa: BLE001 - one job's outcome must not touch another's
                 self._log.error("job %r: its next tick cannot be computed (%s); it stops here on "
                                 "this replica until it is changed", state.name, exc,
@@ -648,24 +681,27 @@ class Engine:
                         self._unschedulable[state.name] = (state.mod_revision, str(exc))
         return plans
 
-    def _plan_one(self, outcome: Outcome, state: JobState) -> _Plan:
+    def _plan_one(self, outcome: Outcome, state: JobState, record: stored_pb2.Job,
+                  mod_revision: int, schedule) -> _Plan:
         job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-        compare = [cmp_mod(job_key, state.mod_revision),
-                   cmp_mod(counter_key, state.counter_revision)]
+        compare = [cmp_mod(job_key, mod_revision), cmp_mod(counter_key, state.counter_revision)]
+        read = [op_range(job_key), op_range(counter_key)]
         if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
-            return _Plan(outcome, state.counter, state.next,
-                         op_txn(compare, [], [op_range(job_key), op_range(counter_key)]))
-        if outcome.result is None:
+            return _Plan(outcome, state.counter, state.next, op_txn(compare, [], read),
+                         mod_revision)
+        if outcome.skip is not None:
+            counter = after_skip(record, state.counter, *outcome.skip)
+            nxt = pending(record, counter, schedule)
+        elif outcome.result is None:
             counter, nxt = state.counter, None
         else:
-            counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
-            nxt = pending(state.record, counter, state.schedule)
+            counter = after_result(record, state.counter, outcome.tick, outcome.result, schedule)
+            nxt = pending(record, counter, schedule)
         if nxt is None:
             success = [op_delete(job_key), op_delete(counter_key)]
         else:
             success = [op_put(counter_key, counter.SerializeToString())]
-        return _Plan(outcome, counter, nxt,
-                     op_txn(compare, success, [op_range(job_key), op_range(counter_key)]))
+        return _Plan(outcome, counter, nxt, op_txn(compare, success, read), mod_revision)
 
     def _record_handed(self, outcome: Outcome, entry: _Handed) -> None:
         """Record the result of a handed-over trigger under its NS/inflight/ key, and release
@@ -678,7 +714,8 @@ class Engine:
         ops = []
         if outcome.result is not TriggerResult.UNDELIVERABLE:
             try:
-                ops.append(self._plan_one(outcome, state).op)
+                ops.append(self._plan_one(outcome, state, state.record, state.mod_revision,
+                                          state.schedule).op)
             except Exception as exc:  # noqa: BLE001 - release the key, change nothing else
                 self._log.error("job %r: its next tick cannot be computed (%s)", state.name, exc)
         try:
@@ -716,7 +753,10 @@ class Engine:
                 self._abandon(plans, f"etcd unavailable ({exc}) after the session ended")
                 return
             except EtcdError as exc:
-                if exc.code == grpc.StatusCode.INVALID_ARGUMENT and len(plans) > 1:
+                # Too large: past etcd's limit (INVALID_ARGUMENT), or past its gRPC one, 512 KiB
+                # higher (RESOURCE_EXHAUSTED). One job's own transaction always fits.
+                if exc.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED) and len(plans) > 1:
                     half = len(plans) // 2
                     self._write(ownership, plans[:half])
                     self._write(ownership, plans[half:])
@@ -785,6 +825,13 @@ class Engine:
                 if inner.succeeded:
                     state.counter, state.counter_revision = plan.counter, response.header.revision
                     state.next = plan.next
+                    if plan.mod_revision != state.mod_revision:  # rewritten in place meanwhile
+                        state.next = pending(state.record, state.counter, state.schedule)
+                elif plan.mod_revision != state.mod_revision:
+                    # The job was rewritten in place (paused, resumed) as this was written:
+                    # the result still stands; write it again against the new revision.
+                    self.recorder.put(plan.outcome)
+                    continue
                 else:
                     adopted = self._adopt_locked(state, inner)
                     if adopted is None:

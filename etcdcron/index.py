@@ -14,6 +14,7 @@ Job phases (State Transitions)::
                                                   \\--(UNDELIVERABLE)--> STAGED --(prefix)--> RUNNING
     (informer put, NS/inflight/NAME held by another replica) --> HANDOFF
         --(that key deleted: recorder re-reads the counter)--> RUNNING --> ARMED
+    (informer put of the same version, paused) --> PAUSED --(resumed)--> ARMED
     (informer delete) --> removed;  (informer put of a new version) --> replaced (new token)
 
 A job's ``token`` is unique per loaded version (and per session): a heap entry, a queued trigger
@@ -34,7 +35,8 @@ from etcdcron._pb import stored_pb2
 from etcdcron.schedule import Schedule, parse_schedule
 from etcdcron.ticks import Pending, pending, to_datetime
 
-__all__ = ["Phase", "JobState", "JobIndex", "Ownership", "counter_of", "decode_counter"]
+__all__ = ["Phase", "IN_FLIGHT", "JobState", "JobIndex", "Ownership", "counter_of",
+           "decode_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class Phase(enum.Enum):
     IDLE = "idle"  #: waiting for the informer to replace or remove it
     #: another replica's trigger of this version is still running (``NS/inflight/NAME``)
     HANDOFF = "handoff"
+    PAUSED = "paused"  #: paused (``Cron.pause``): fires nothing until resumed
+
+
+#: Phases whose delivery is under way: its result (or its handoff) moves the job on.
+IN_FLIGHT = frozenset({Phase.RUNNING, Phase.HANDOFF})
+
+
+def _schedule_of(record: stored_pb2.Job) -> Schedule | None:
+    return parse_schedule(record.job.schedule) if record.job.HasField("schedule") else None
 
 
 @dataclass(frozen=True)
@@ -188,11 +199,13 @@ class JobIndex:
     def put_locked(self, name: str, record: stored_pb2.Job, mod_revision: int,
                    counter: stored_pb2.Counter | None, counter_revision: int) -> JobState | None:
         """Load a version of ``name`` (replacing any other) and return it, or ``None`` when that
-        version is already loaded. ``state.next`` is ``None`` for a job that has nothing left to
-        do (the caller deletes it).
+        revision is already loaded. ``state.next`` is ``None`` for a job that has nothing left
+        to do (the caller deletes it).
 
-        ``counter`` is used only if it belongs to this version (same partition id); an existing
-        state of the same version keeps its newer in-memory counter.
+        A new revision of the loaded version (same partition id: a pause or a resume) updates
+        that state in place and returns it; if it is in flight (:data:`IN_FLIGHT`), its
+        ``next`` is left for the result to compute. ``counter`` is used only for a new version,
+        and only if it belongs to it.
 
         :raises Exception: if this version cannot be scheduled (a schedule that does not parse,
             a time out of range, ...); the index is then unchanged.
@@ -203,11 +216,18 @@ class JobIndex:
         if mod_revision <= self._deleted.get(name, 0):
             return None  # a stale listing: this version is already deleted
         if old is not None and old.record.partition_id == record.partition_id:
-            counter, counter_revision = old.counter, old.counter_revision
-        else:
-            counter = counter_of(record, counter)
+            # The same version rewritten (paused, resumed): updated in place, token and all,
+            # so that a delivery in flight is still recorded, against the new revision.
+            check_times(record, old.counter)
+            schedule = _schedule_of(record)
+            nxt = pending(record, old.counter, schedule)
+            old.record, old.mod_revision, old.schedule = record, mod_revision, schedule
+            if old.phase not in IN_FLIGHT:
+                old.next = nxt
+            return old
+        counter = counter_of(record, counter)
         check_times(record, counter)
-        schedule = parse_schedule(record.job.schedule) if record.job.HasField("schedule") else None
+        schedule = _schedule_of(record)
         nxt = pending(record, counter, schedule)
         if old is not None:
             self.set_phase_locked(old, Phase.IDLE)

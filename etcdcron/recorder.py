@@ -50,6 +50,8 @@ class Outcome:
     result: TriggerResult | None = None
     refresh: bool = False
     run: int | None = None  #: the delivery this result is for (None: no delivery)
+    #: ``(latest tick skipped, ticks skipped)``: the job's catch-up policy skipped instead
+    skip: tuple[datetime, int] | None = None
 
 
 class Recorder:

@@ -62,6 +62,10 @@ class JobStatus:
     :ivar staged: whether the job is parked as undeliverable. Only the replica owning a job knows
         this: ``True``/``False`` when asked on that replica while it is elected, ``None``
         anywhere else (another replica, a Cron that is not started, the CLI).
+    :ivar paused: whether the job is paused (:meth:`Cron.pause`).
+    :ivar skipped: ticks skipped by the job's ``catch_up_window`` or ``coalesce`` (not
+        triggers: they do not count toward ``repeats``).
+    :ivar last_skipped: the scheduled time of the last tick skipped, or ``None``.
     """
 
     name: str
@@ -74,7 +78,9 @@ class JobStatus:
     partition_id: int
     owner: str | None
     staged: bool | None
-    # Scheduling controls (pause/resume) add a ``paused`` field here.
+    paused: bool = False
+    skipped: int = 0
+    last_skipped: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,14 +216,28 @@ def _status(name: str, kv, counter_kv, members: Membership, local: LocalView) ->
         name=name,
         count=counter.count,
         attempts=counter.attempts,
-        last_trigger=to_datetime(counter.last_trigger) if counter.HasField("last_trigger") else None,
+        last_trigger=_time(counter, "last_trigger"),
         next_trigger=nxt.tick if nxt else None,
         next_attempt=nxt.due if nxt else None,
-        expiration=to_datetime(record.expiration) if record.HasField("expiration") else None,
+        expiration=_time(record, "expiration"),
         partition_id=record.partition_id,
         owner=members.owner(record.partition_id),
         staged=local.staged_flag(record, name),
+        paused=record.paused,
+        skipped=counter.skipped,
+        last_skipped=_time(counter, "last_skipped"),
     )
+
+
+def _time(message, field: str) -> datetime | None:
+    """A Timestamp field as a datetime; ``None`` if unset, or out of ``datetime``'s range (a
+    foreign record's)."""
+    if not message.HasField(field):
+        return None
+    try:
+        return to_datetime(getattr(message, field))
+    except OverflowError:
+        return None
 
 
 def job_status(client: EtcdClient, keys: Keys, name: str,

@@ -1,4 +1,5 @@
-"""Job CRUD against etcd: add, add_if_not_exists, get, delete, delete_prefixes, list.
+"""Job CRUD against etcd: add, add_if_not_exists, get, delete, delete_prefixes, list, pause,
+resume.
 
 Runs on the caller's thread (a web request, a trigger, a script); needs no running scheduler.
 Every write is one etcd transaction, so nothing is ever half-written.
@@ -13,10 +14,17 @@ from datetime import datetime
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf.message import DecodeError
 
-from etcdcron._etcd import EtcdClient, cmp_create, op_delete, op_put, op_range
+from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, op_delete, op_put, op_range
 from etcdcron._pb import api_pb2, stored_pb2
-from etcdcron.errors import EtcdCronError, EtcdError, JobExistsError, ValidationError
+from etcdcron.errors import (
+    EtcdCronError,
+    EtcdError,
+    JobExistsError,
+    JobNotFoundError,
+    ValidationError,
+)
 from etcdcron.keys import Keys, prefix_end
+from etcdcron.ticks import to_timestamp
 from etcdcron.validation import prepare_job, validate_name, validate_prefix
 
 __all__ = ["Store", "decode_job", "MAX_PREFIXES"]
@@ -27,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_PREFIXES = 64
 _MAX_TXN_OPS = 128
 _DELETE_ATTEMPTS = 5
+_UPDATE_ATTEMPTS = 10
 
 
 def _cmp_created_before(key: bytes, range_end: bytes, revision: int) -> rpc.Compare:
@@ -133,6 +142,46 @@ class Store:
         """Delete ``name`` and its counter in one transaction; a missing job is not an error."""
         validate_name(name)
         self._client.txn([], [op_delete(self._keys.job(name)), op_delete(self._keys.counter(name))])
+
+    def pause(self, name: str) -> None:
+        """Mark ``name`` paused in its stored record: it keeps its counter and fires nothing.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        self._set_paused(name, True)
+
+    def resume(self, name: str) -> None:
+        """Resume ``name``; ticks that came due while it was paused are skipped.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        self._set_paused(name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> None:
+        """Rewrite the record with ``paused``, keeping its version (partition id): a
+        compare-and-swap on the key, tried again if the job changed meanwhile. Pausing a paused
+        job, or resuming a running one, writes nothing, so a retried call changes nothing."""
+        validate_name(name)
+        key = self._keys.job(name)
+        for _ in range(_UPDATE_ATTEMPTS):
+            kv = self._client.get(key)
+            if kv is None:
+                raise JobNotFoundError(name)
+            try:
+                record = decode_job(kv.value)
+            except DecodeError as exc:
+                raise EtcdCronError(f"job {name!r} is stored in a form etcdcron cannot "
+                                    "decode") from exc
+            if record.paused == paused:
+                return
+            record.paused = paused
+            if not paused:
+                record.resumed.CopyFrom(to_timestamp(self._clock()))
+            if self._client.txn([cmp_mod(key, kv.mod_revision)],
+                                [op_put(key, record.SerializeToString())]).succeeded:
+                return
+        raise EtcdError(f"job {name!r} kept changing while being "
+                        f"{'paused' if paused else 'resumed'}; nothing was written")
 
     def delete_prefixes(self, *prefixes: str) -> None:
         """Delete every job (and counter) whose name starts with one of ``prefixes``, atomically.

@@ -170,10 +170,10 @@ def test_a_job_whose_outcome_cannot_be_computed_does_not_stop_its_batch(make_cro
 
     real = engine_module.after_result
 
-    def after_result(job, counter, tick, result):
+    def after_result(job, counter, tick, result, *rest):
         if job.job.HasField("metadata"):  # only the poison job carries metadata
             raise OverflowError("date value out of range")
-        return real(job, counter, tick, result)
+        return real(job, counter, tick, result, *rest)
 
     monkeypatch.setattr(engine_module, "after_result", after_result)
     keys = Keys(namespace)

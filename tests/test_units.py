@@ -607,19 +607,32 @@ def test_put_same_mod_revision_is_ignored():
         assert index.get_locked("job") is first
 
 
-def test_re_put_of_the_same_partition_keeps_the_in_memory_counter():
+def test_re_put_of_the_same_partition_updates_the_state_in_place():
     index = JobIndex()
     with index.lock:
         first = index.put_locked("job", record(7), 10, None, 0)
         first.counter = stored_pb2.Counter(job_partition_id=7, count=5)
         first.counter_revision = 15
         stale = stored_pb2.Counter(job_partition_id=7, count=1)
-        second = index.put_locked("job", record(7), 11, stale, 12)
-    assert second is not first
-    assert second.mod_revision == 11
+        paused = record(7)
+        paused.paused = True
+        second = index.put_locked("job", paused, 11, stale, 12)
+    assert second is first and second.token == first.token
+    assert second.mod_revision == 11 and second.record.paused
     assert second.counter == stored_pb2.Counter(job_partition_id=7, count=5)
     assert second.counter_revision == 15
-    assert second.token != first.token
+
+
+def test_re_put_of_a_state_in_flight_leaves_its_delivery_alone():
+    index = JobIndex()
+    with index.lock:
+        state = index.put_locked("job", record(7), 10, None, 0)
+        delivery = state.next
+        index.set_phase_locked(state, Phase.RUNNING)
+        changed = record(7)
+        changed.due_time.seconds += 3600
+        assert index.put_locked("job", changed, 11, None, 0) is state
+    assert state.next is delivery and state.phase is Phase.RUNNING and index.running == 1
 
 
 def test_put_of_a_new_partition_starts_a_fresh_counter():
@@ -685,7 +698,7 @@ def test_running_count_follows_phases():
         assert index.remove_locked("a") is a
         assert index.running == 1
         # replacement of a RUNNING job
-        replaced = index.put_locked("b", record(2), 13, None, 0)
+        replaced = index.put_locked("b", record(20), 13, None, 0)
         assert replaced.phase is Phase.IDLE
         assert b.phase is Phase.IDLE
         assert index.running == 0
