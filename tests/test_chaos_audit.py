@@ -181,6 +181,28 @@ def test_a_duplicate_counts_only_inside_a_fault_window():
     assert report.duplicates[0][1][0].kind == "replica-kill"
 
 
+def test_the_duplicate_is_the_delivery_whose_result_was_lost():
+    # r0 delivers T0 + 2 and is struck before recording it; r1 takes over 8 s later and
+    # catches up from T0 + 2. The duplicate is r0's delivery, at the fault, not one of r1's.
+    story = Story()
+    story.put_job(T0 - 5, "a", "v1", schedule="@every 1s", due=T0, repeats=6)
+    for k in range(2):
+        story.fire(T0 + k + 0.001, "a", "v1")
+        story.counter(T0 + k + 0.006, "a", k + 1, last=T0 + k)
+    story.fire(T0 + 2.001, "a", "v1")
+    for k in range(2, 6):
+        story.fire(T0 + 10 + k * 0.01, "a", "v1", replica="r1.1")
+        if k < 5:
+            story.counter(T0 + 10 + k * 0.01 + 0.005, "a", k + 1, last=T0 + k)
+    story.delete_job(T0 + 10.06, "a")
+    story.windows.append(Window("replica-freeze", "r0", T0 + 2.1, T0 + 9))
+    report = story.audit()
+    assert report.ok, report.findings
+    [(duplicate, windows)] = report.duplicates
+    assert (duplicate.replica, duplicate.at) == ("r0.1", T0 + 2.001)
+    assert sorted(round(x, 2) for x in report.lateness_in)[-1] == pytest.approx(8.02)
+
+
 def test_retries_are_steps_not_duplicates():
     policy = api_pb2.FailurePolicy(constant=api_pb2.FailurePolicyConstant(
         interval={"nanos": 500_000_000}, max_retries=2))

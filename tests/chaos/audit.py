@@ -402,98 +402,138 @@ class Audit:
             report.add("history anomalies", v,
                        f"{v.writes_after_end} counter write(s) after the version ended")
         if ack is not None:
-            late = [d for d in deliveries if d.at > ack[1]]
-            for d in late:
-                report.add("fired after delete/replace ack", v,
-                           f"delivered on {d.replica} {d.at - ack[1]:.3f}s after the "
-                           f"change was acknowledged", d.at)
+            for d in deliveries:
+                if d.at > ack[1]:
+                    report.add("fired after delete/replace ack", v,
+                               f"delivered on {d.replica} {d.at - ack[1]:.3f}s after the "
+                               f"change was acknowledged", d.at)
             deliveries = [d for d in deliveries if d.at <= ack[1]]
+        steps, state = self._steps(v, oracle, report)
+        open_step = None if v.end == "finished" else oracle.step(state)
+        matches, early = self._match_backward(deliveries, steps, len(deliveries))
+        reserved = None
+        last = len(deliveries) - 1
+        if (open_step is not None and deliveries and last not in matches
+                and deliveries[last].at >= _s(open_step[2]) - EPS):
+            reserved = last  # the last delivery is after every match: the open step's
+        elif open_step is not None and deliveries and deliveries[last].at >= _s(open_step[2]) - EPS:
+            # The last delivery may be the open step's, delivered before the last record
+            # arrived here; take that reading if the recorded steps can do without it.
+            other, other_early = self._match_backward(deliveries, steps, last)
+            if (sum(m is not None for m in other) >= sum(m is not None for m in matches)
+                    and sum(other_early) <= sum(early)):
+                matches, early, reserved = other, other_early, last
+        used = {m for m in matches if m is not None}
+        for (tick, attempt, due, at, revision, _), index, was_early in zip(steps, matches, early):
+            if index is None:
+                report.add("missed ticks", v, f"tick {_s(tick):.3f} attempt {attempt} was "
+                           f"recorded at revision {revision} but never delivered", at)
+                continue
+            d = deliveries[index]
+            report.counts["recorded steps"] += 1
+            if attempt:
+                report.counts["retries delivered"] += 1
+            if was_early:
+                report.add("early triggers", v, f"tick {_s(tick):.3f} attempt {attempt} "
+                           f"delivered {_s(due) - d.at:.3f}s before it was due, on "
+                           f"{d.replica}", d.at)
+            else:
+                self._lateness(report, _s(due), d.at)
+        if reserved is not None:
+            report.counts["in flight at the end"] += 1
+            used.add(reserved)
+        extras = [d for i, d in enumerate(deliveries) if i not in used]
+        first_due = _s(steps[0][2]) if steps else (_s(open_step[2]) if open_step else None)
+        for d in extras:
+            if first_due is not None and d.at < first_due - EPS:
+                report.add("early triggers", v, f"delivered {first_due - d.at:.3f}s before "
+                           f"its first step was due, on {d.replica}", d.at)
+            else:
+                self._duplicate(v, d, report)
+        if v.end != "finished":
+            self._owed_at_end(v, oracle, state, ack, reserved is not None, report)
+        final = oracle.last_tick()
+        if v.end == "alive" and final is not None and _s(final) <= self.cut - self.grace:
+            report.add("jobs never finished", v, f"last tick {_s(final):.3f} was due "
+                       f"{self.cut - _s(final):.1f}s before the cut; still in etcd at the end")
+
+    def _steps(self, v: Version, oracle: Oracle, report: Report) -> tuple[list, tuple]:
+        """Walk the version's counter writes (and the scheduler's delete) with the oracle.
+
+        :returns: the recorded steps ``(tick, attempt, due, arrival, revision, allowed
+            results)`` and the counter state after the last one.
+        """
         state = (0, 0, None)
-        p = 0  # deliveries before p are matched or left over
-        matched_any = False
-        records = [(rev, at, new) for rev, at, new in v.counters]
+        steps = []
+        records = list(v.counters)
         if v.end == "finished":
-            records.append((v.end_revision, v.end_at, None))  # the engine's delete
+            records.append((v.end_revision, v.end_at, None))  # the scheduler's delete
         for revision, at, new in records:
             step = oracle.step(state)
             if step is None:
-                if new is None:
-                    break  # deleted with nothing owed (e.g. past its expiration)
-                report.add("history anomalies", v,
-                           f"counter {new} written at revision {revision} after the last tick")
-                state = new
+                if new is not None:
+                    report.add("history anomalies", v, f"counter {self._fmt(new)} written at "
+                               f"revision {revision} after the last tick", at)
+                    state = new
                 continue
             tick, attempt, due = step
             allowed = self._results_for(oracle, state, new)
-            if not allowed:
-                report.add("history anomalies", v,
-                           f"counter went from {self._fmt(state)} to {self._fmt(new)} at "
-                           f"revision {revision}; the owed step was tick {_s(tick):.3f} "
-                           f"attempt {attempt}", at)
-                if new is not None and new[2] is not None and new[2] > tick:
-                    missed = len(oracle.ticks(state, new[2] - 1))
-                    if missed:
-                        report.add("missed ticks", v, f"{missed} tick(s) from {_s(tick):.3f} "
-                                   f"skipped by the counter write at revision {revision}", at,
-                                   n=missed)
+            if allowed:
+                steps.append((tick, attempt, due, at, revision, allowed))
                 if new is None:
-                    rest = oracle.ticks(state, self._until_ns())
-                    if rest:
-                        report.add("missed ticks", v, f"deleted by the scheduler with "
-                                   f"{len(rest)} tick(s) still owed from {_s(rest[0]):.3f}",
-                                   at, n=len(rest))
                     break
                 state = new
                 continue
-            index = self._match(deliveries, p, at, allowed, _s(due) - EPS)
-            if index is None:
-                early = self._match(deliveries, p, at, allowed, -math.inf)
-                if early is not None:
-                    d = deliveries[early]
-                    report.add("early triggers", v, f"tick {_s(tick):.3f} attempt {attempt} "
-                               f"delivered {_s(due) - d.at:.3f}s before it was due, on "
-                               f"{d.replica}", d.at)
-                    index = early
-                else:
-                    report.add("missed ticks", v, f"tick {_s(tick):.3f} attempt {attempt} "
-                               f"was recorded at revision {revision} but never delivered", at)
-            if index is not None:
-                for d in deliveries[p:index]:
-                    self._duplicate(v, d, report)
-                d = deliveries[index]
-                self._lateness(report, _s(due), d.at)
-                p = index + 1
-                matched_any = True
-                report.counts["recorded steps"] += 1
-                if attempt:
-                    report.counts["retries delivered"] += 1
-            state = new if new is not None else oracle.after(state, "S")
+            report.add("history anomalies", v, f"counter went from {self._fmt(state)} to "
+                       f"{self._fmt(new)} at revision {revision}; the owed step was tick "
+                       f"{_s(tick):.3f} attempt {attempt}", at)
             if new is None:
+                rest = oracle.ticks(state, self._until_ns())
+                if rest:
+                    report.add("missed ticks", v, f"deleted by the scheduler with {len(rest)} "
+                               f"tick(s) still owed from {_s(rest[0]):.3f}", at, n=len(rest))
                 break
-        rest = deliveries[p:]
-        if v.end == "finished":
-            for d in rest:
-                self._duplicate(v, d, report)
-        else:
-            step = oracle.step(state)
-            delivered_open = False
-            if rest and step is not None and rest[0].at >= _s(step[2]) - EPS:
-                report.counts["in flight at the end"] += 1
-                delivered_open = True
-                rest = rest[1:]
-            elif rest and step is not None and not matched_any and rest[0].at < _s(step[2]) - EPS:
-                d = rest[0]
-                report.add("early triggers", v, f"delivered {_s(step[2]) - d.at:.3f}s before "
-                           f"its first tick was due, on {d.replica}", d.at)
-                rest = rest[1:]
-            for d in rest:
-                self._duplicate(v, d, report)
-            self._owed_at_end(v, oracle, state, ack, delivered_open, report)
-        last = oracle.last_tick()
-        if (v.end == "alive" and last is not None
-                and _s(last) <= self.cut - self.grace):
-            report.add("jobs never finished", v, f"last tick {_s(last):.3f} was due "
-                       f"{self.cut - _s(last):.1f}s before the cut; still in etcd at the end")
+            if new[2] is not None and new[2] > tick:
+                skipped = len(oracle.ticks(state, new[2] - 1))
+                if skipped:
+                    report.add("missed ticks", v, f"{skipped} tick(s) from {_s(tick):.3f} "
+                               f"skipped by the counter write at revision {revision}", at,
+                               n=skipped)
+            state = new
+        return steps, state
+
+    @staticmethod
+    def _match_backward(deliveries: list[Delivery], steps: list, upto: int
+                        ) -> tuple[list[int | None], list[bool]]:
+        """Match recorded steps to deliveries ``[:upto]``, from the last step back: each gets
+        the latest delivery before the next step's match that arrived no later than its record,
+        with a result the record allows, not before its due time (if none, an early one).
+
+        Like its mirror image it finds a full match whenever there is one; preferring the
+        latest delivery leaves over the earlier one of two, which is the one whose result was
+        lost (a replica that was struck, then another that delivered the step again).
+        """
+        matches: list[int | None] = [None] * len(steps)
+        early = [False] * len(steps)
+        bound = upto
+        for i in range(len(steps) - 1, -1, -1):
+            tick, attempt, due, at, revision, allowed = steps[i]
+            found = fallback = None
+            for j in range(bound - 1, -1, -1):
+                d = deliveries[j]
+                if d.at > at or d.result not in allowed:
+                    continue
+                if d.at >= _s(due) - EPS:
+                    found = j
+                    break
+                if fallback is None:
+                    fallback = j
+            if found is None and fallback is not None:
+                found, early[i] = fallback, True
+            if found is not None:
+                matches[i] = found
+                bound = found
+        return matches, early
 
     def _until_ns(self) -> int:
         return int((self.cut - self.grace) * NS)
@@ -534,17 +574,6 @@ class Audit:
             elif after == new:
                 allowed.add(result)
         return allowed
-
-    @staticmethod
-    def _match(deliveries: list[Delivery], start: int, recorded_at: float, allowed: set[str],
-               not_before: float) -> int | None:
-        for index in range(start, len(deliveries)):
-            d = deliveries[index]
-            if d.at > recorded_at:
-                return None
-            if d.result in allowed and d.at >= not_before:
-                return index
-        return None
 
     def _duplicate(self, v: Version, d: Delivery, report: Report) -> None:
         windows = self.windows_at(d.at)
