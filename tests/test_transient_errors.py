@@ -101,6 +101,14 @@ def _wait_healthy(cron: Cron, timeout: float = 30.0) -> None:
                message=lambda: f"a healthy, elected replica: {cron.health().problems}")
 
 
+def _start_ticking(cron: Cron, calls, ticks: int = 1) -> None:
+    """Start ``cron``, wait until it is elected and a job ``tick`` fired ``ticks`` times."""
+    cron.start()
+    assert cron.wait_elected(10)
+    cron.add("tick", Job(schedule="@every 1s"))
+    calls.wait("tick", ticks)
+
+
 def _still_works(cron: Cron, calls, name: str) -> None:
     cron.add(name, Job(due_time="0s"))
     calls.wait(name, 1, timeout=20)
@@ -194,10 +202,7 @@ def test_too_many_requests_under_load_every_thread_survives_and_calls_keep_the_c
     cron = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=calls.add,
                 lease_ttl=30, request_timeout=REQUEST_TIMEOUT)
     try:
-        cron.start()
-        assert cron.wait_elected(10)
-        cron.add("tick", Job(schedule="@every 1s"))
-        calls.wait("tick", 2)
+        _start_ticking(cron, calls, 2)
         with UserCalls(cron, "a") as user:
             wait_until(lambda: len(user.outcomes) >= 8, 10)
             backlog.flood(8.0)
@@ -254,10 +259,7 @@ def test_calls_through_a_failing_link_keep_the_contract_and_the_replica_recovers
         cron = Cron(endpoints=proxy.endpoint, namespace=namespace, trigger=calls.add,
                     lease_ttl=5, request_timeout=REQUEST_TIMEOUT)
         try:
-            cron.start()
-            assert cron.wait_elected(10)
-            cron.add("tick", Job(schedule="@every 1s"))
-            calls.wait("tick", 1)
+            _start_ticking(cron, calls)
             with UserCalls(cron, "b") as user:
                 wait_until(lambda: len(user.outcomes) >= 8, 10)
                 if fault == "latency":

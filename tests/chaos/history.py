@@ -1,4 +1,4 @@
-"""The run's ground truth: every change under the namespace, in revision order, as etcd committed it.
+"""The run's ground truth: every change under the namespace, in revision order, as committed.
 
 One thread per etcd member (``chaos-history-N``) watches the whole namespace directly on that
 member (never through a proxy), with raw gRPC stubs rather than etcdcron's own etcd layer, so
