@@ -311,6 +311,8 @@ class Report:
     lateness_in: list[float] = field(default_factory=list)
     lateness_out: list[float] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    settings: dict = field(default_factory=dict)    # the run's parameters, for the table
+    windows: list[Window] = field(default_factory=list)
 
     MUST_BE_ZERO = ("missed ticks", "early triggers", "jobs never finished",
                     "fired after delete/replace ack", "duplicates outside fault windows",
@@ -319,6 +321,7 @@ class Report:
 
     def add(self, metric: str, v: Version | None, text: str, at: float | None = None,
             n: int = 1) -> None:
+        """Count ``n`` of ``metric`` and keep the finding behind them."""
         self.counts[metric] += n
         self.findings.append(Finding(metric, v.name if v else "-", v.version if v else "-",
                                      text, at))
@@ -356,7 +359,7 @@ class Audit:
                 if w.began - self.head <= end and start <= w.ended + self.tail]
 
     def run(self) -> Report:
-        report = Report()
+        report = Report(windows=list(self.windows))
         versions = versions_from(self.changes, self.namespace, self.calls)
         by_version = defaultdict(list)
         for d in self.deliveries:

@@ -18,8 +18,8 @@ def _lateness(values: list[float]) -> str:
 
 
 def render(report: Report, out: Path | None = None) -> str:
-    s = getattr(report, "settings", {})
-    windows = getattr(report, "windows", [])
+    s = report.settings
+    windows = report.windows
     kinds = Counter(w.kind for w in windows)
     lines = [
         "",

@@ -37,7 +37,7 @@ from etcdcron import Cron
 from etcdcron.testing import EtcdCluster, bulk_add, wait_until
 from tests.chaos import faults as faults_mod
 from tests.chaos import workload as workload_mod
-from tests.chaos.audit import Audit, Call, Delivery, Report, Window
+from tests.chaos.audit import Audit, Call, Delivery, Finding, Report, Window
 from tests.chaos.history import Change, History
 from tests.chaos.report import render
 
@@ -279,7 +279,7 @@ class ChaosRun:
                 report.add("replica crashes", None, crash)
         for error in injector.errors:
             report.counts["fault injection errors"] += 1
-            report.findings.append(_info("fault injection error", error))
+            report.findings.append(Finding("fault injection error", "-", "-", error))
         text = render(report, self.out)
         (self.out / "report.txt").write_text(text)
         print(text, flush=True)
@@ -313,12 +313,6 @@ class ChaosRun:
                 except grpc.RpcError:
                     continue
         raise RuntimeError("no etcd member took the end marker")
-
-
-def _info(metric: str, text: str):
-    from tests.chaos.audit import Finding
-
-    return Finding(metric, "-", "-", text)
 
 
 def load_deliveries(out: Path) -> tuple[list[Delivery], dict[str, list[list[str]]]]:
@@ -374,5 +368,4 @@ def audit_directory(out: Path, changes: list[Change] | None = None) -> Report:
                   grace=s.grace, head=s.head, tail=s.tail, request_timeout=s.request_timeout)
     report = audit.run()
     report.settings = settings
-    report.windows = audit.windows
     return report
