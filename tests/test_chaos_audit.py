@@ -261,6 +261,19 @@ def test_a_delivery_after_the_replace_was_acknowledged_is_reported():
     assert report.counts.get("missed ticks", 0) == 0
 
 
+def test_a_version_is_acknowledged_as_replaced_by_the_calls_after_the_one_that_wrote_it():
+    story = Story()
+    story.put_job(T0 - 5, "a", "v1", due=T0 + 60)
+    for at, version in ((T0 + 10, "v2"), (T0 + 10.3, "v3"), (T0 + 10.6, "v4")):
+        story.calls.append(Call("add", "a", version, at, at + 0.01, True))
+        story.put_job(at + 0.005, "a", version, due=T0 + 10.4 if version == "v3" else T0 + 60)
+    story.fire(T0 + 10.4, "a", "v3")  # before v4's call returned: not after an ack
+    report = story.audit(cut=T0 + 20)
+    assert report.counts.get("fired after delete/replace ack", 0) == 0, report.findings
+    story.fire(T0 + 10.7, "a", "v3")
+    assert story.audit(cut=T0 + 20).counts["fired after delete/replace ack"] == 1
+
+
 def test_ticks_owed_long_before_a_delete_are_missed_unless_a_fault_explains_them():
     story = Story()
     story.put_job(T0 - 5, "a", "v1", schedule="@every 1s", due=T0)

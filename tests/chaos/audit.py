@@ -240,6 +240,14 @@ def payload_version(record: stored_pb2.Job) -> str:
     return value.value.partition("|")[0]
 
 
+def calls_after(calls: list[Call], name: str, version: str) -> list[Call]:
+    """The driver's calls on ``name`` made after the one that wrote ``version`` (all of them
+    for a version written before the run). The driver makes one call at a time, in order."""
+    mine = [c for c in calls if c.name == name]
+    made = [i for i, c in enumerate(mine) if c.version == version]
+    return mine[made[0] + 1:] if made else mine
+
+
 def versions_from(changes, namespace: str, calls: list[Call]) -> dict[str, Version]:
     """Every job version in ``changes`` (revision order), with its counter writes and its end.
 
@@ -248,10 +256,6 @@ def versions_from(changes, namespace: str, calls: list[Call]) -> dict[str, Versi
     """
     jobs_prefix = f"{namespace}/jobs/".encode()
     counters_prefix = f"{namespace}/counters/".encode()
-    deletes = defaultdict(list)
-    for call in calls:
-        if call.op == "delete":
-            deletes[call.name].append(call)
     current: dict[str, Version] = {}
     by_pid: dict[tuple[str, int], Version] = {}
     ended: dict[str, list[Version]] = defaultdict(list)
@@ -265,8 +269,8 @@ def versions_from(changes, namespace: str, calls: list[Call]) -> dict[str, Versi
                 if change.kind == "put":
                     old.end = "changed"
                 else:
-                    by_driver = any(c.call <= change.at for c in deletes[name]
-                                    if c.call >= old.at - 1)
+                    by_driver = any(c.op == "delete" and c.call <= change.at
+                                    for c in calls_after(calls, name, old.version))
                     old.end = "changed" if by_driver else "finished"
                 ended[name].append(old)
             if change.kind == "put":
@@ -378,19 +382,15 @@ class Audit:
         return report
 
     def _acks(self, versions: dict[str, Version]) -> dict[str, tuple[float, float]]:
-        """For each version a driver call ended: (when the first call that ended it started,
-        when a call that ended it first returned successfully)."""
-        by_name = defaultdict(list)
-        for call in self.calls:
-            by_name[call.name].append(call)
+        """For each version a driver call ended: (when the first call after the one that wrote
+        it started, when the first of those that succeeded returned: the acknowledgement)."""
         result = {}
         for v in versions.values():
             if v.end != "changed":
                 continue
-            later = [c for c in by_name[v.name] if c.call >= v.at - 1 and c.version != v.version]
+            later = calls_after(self.calls, v.name, v.version)
             started = min((c.call for c in later), default=v.end_at)
-            acked = min((c.done for c in later if c.ok and c.done >= v.end_at - 1),
-                        default=math.inf)
+            acked = min((c.done for c in later if c.ok), default=math.inf)
             result[v.version] = (started, acked)
         return result
 
