@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     report = ChaosRun(settings, out).execute()
     if report.ok and not args.keep and args.out is None:
         shutil.rmtree(out, ignore_errors=True)
+        print(f"[chaos] passed; {out} removed (--keep keeps it)")
     elif not report.ok:
         print(f"[chaos] FAILED; everything is kept in {out}; replay with seed {seed}")
     return 0 if report.ok else 1

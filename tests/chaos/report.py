@@ -67,11 +67,12 @@ def render(report: Report, out: Path | None = None) -> str:
     for f in infos:
         lines.append(f"  fault injection error: {f.text}")
     if report.duplicates:
+        limit = DETAIL_LIMIT if not report.ok else 10
         lines += ["", "duplicates (each with the fault windows it falls in):"]
-        for d, ws in report.duplicates[:DETAIL_LIMIT]:
+        for d, ws in report.duplicates[:limit]:
             lines.append(f"  {d.at:.3f} {d.name} {d.version} on {d.replica} ({d.result}): "
                          + "; ".join(f"{w.kind} {w.target} {w.began:.1f}-{w.ended:.1f}"
                                      for w in ws))
-        if len(report.duplicates) > DETAIL_LIMIT:
-            lines.append(f"  ... and {len(report.duplicates) - DETAIL_LIMIT} more")
+        if len(report.duplicates) > limit:
+            lines.append(f"  ... and {len(report.duplicates) - limit} more")
     return "\n".join(lines) + "\n"
