@@ -4,7 +4,8 @@
 2. The initial jobs, written in bulk, due from ``P`` (the fault phase's start) on.
 3. ``replicas`` replica processes (:mod:`tests.chaos.replica`), each behind its own
    :class:`~etcdcron.testing.ProxyGroup` (one proxy per member), plus one spare slot for the
-   replica that joins and leaves; the run waits until all are elected together.
+   replica that joins and leaves; the run waits until all are elected together (that start,
+   a rebalance per replica, is logged as a ``startup`` window like a fault's).
 4. The fault phase (``seconds`` long): the injector's faults and the driver's changes.
 5. The settle phase: every fault is undone; the replicas catch up undisturbed until the cut.
 6. The replicas stop (SIGTERM: ``stop()`` records what is in flight), the history catches up
@@ -233,11 +234,18 @@ class ChaosRun:
         plan = faults_mod.plan(rng_faults, s.seconds, s.replicas, s.lease_ttl,
                                mean_gap=s.mean_gap, max_replica_faults=s.max_replica_faults)
         self.slots = [Slot(i, self) for i in range(s.replicas + 1)]  # the last one joins later
+        began = time.time()
         for slot in self.slots[:s.replicas]:
             slot.start()
         wait_until(lambda: all(slot.last_elected() == s.replicas
                                for slot in self.slots[:s.replicas]), timeout=90,
                    interval=0.2, message="every replica elected")
+        # Replicas joining one by one rebalance like any join: a window of its own.
+        with open(self.out / "faults.jsonl", "a") as log:
+            log.write(json.dumps({"event": "ended", "kind": "startup", "target": None,
+                                  "params": {}, "start": None, "duration": None,
+                                  "began": began, "ended": time.time(),
+                                  "detail": f"{s.replicas} replicas"}) + "\n")
         print(f"[chaos] seed {s.seed}: {len(initial)} jobs, {len(work.changes)} changes, "
               f"{len(plan)} faults; replicas elected; run directory {self.out}", flush=True)
         if p > time.time():
