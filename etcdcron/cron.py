@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from etcdcron._etcd import EtcdClient
+from etcdcron._etcd import connect
 from etcdcron._pb import api_pb2
 from etcdcron.engine import Engine
 from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
@@ -175,23 +175,9 @@ class Cron:
         self._log = logger or log
         self._clock = clock
 
-        timeout = _seconds("request_timeout", request_timeout, 0.001)
-        if client is not None:
-            if endpoints is not None:
-                raise ValidationError("give either endpoints or client, not both")
-            channel = getattr(client, "channel", None)
-            if channel is None:
-                raise ValidationError(f"client must be an etcd3 client (with a .channel), "
-                                      f"got {client!r}")
-            self._client = EtcdClient(channel=channel, request_timeout=timeout,
-                                      metadata=getattr(client, "metadata", None) or ())
-        else:
-            try:
-                self._client = EtcdClient(endpoints or "127.0.0.1:2379", request_timeout=timeout,
-                                          ca_cert=ca_cert, cert_key=cert_key,
-                                          cert_cert=cert_cert, user=user, password=password)
-            except (ValueError, OSError) as exc:
-                raise ValidationError(f"invalid etcd connection options: {exc}") from exc
+        self._client = connect(endpoints=endpoints, client=client, request_timeout=request_timeout,
+                               ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert, user=user,
+                               password=password)
         self._keys = Keys(namespace)
         self._store = Store(self._client, self._keys,
                             lambda: datetime.fromtimestamp(self._clock(), timezone.utc))
