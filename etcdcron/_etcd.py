@@ -474,6 +474,15 @@ class _Secret:
         return f"<credentials of {self.user!r}>"
 
 
+class _Token(str):
+    """An auth token; ``repr()`` (of it, or of metadata holding it) does not show it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<etcd auth token>"
+
+
 def _check_credentials(user: object, password: object) -> _Secret | None:
     if user is None and password is None:
         return None
@@ -976,7 +985,7 @@ class EtcdClient:
             if is_transient(exc):
                 raise
             raise wrap_rpc_error(exc, f"authentication as {self._credentials.user!r}") from exc
-        return response.token
+        return _Token(response.token)
 
     def _token_refused(self, token: str | None) -> None:
         """etcd refused ``token``: drop it (unless another thread has fetched a newer one)."""
@@ -1268,6 +1277,14 @@ def _is_fragment(response: rpc.WatchResponse) -> bool:
                for field in unknown_fields.UnknownFieldSet(response))
 
 
+def _stream_ended(exc: grpc.RpcError) -> bool:
+    """Whether a stream was ended under us (cancelled, or reset by a server shutting down) rather
+    than refused: resuming it is safe."""
+    code = exc.code()
+    return code == grpc.StatusCode.CANCELLED or (
+        code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or ""))
+
+
 class WatchStream:
     """One ``Watch`` RPC on ``[key, range_end)`` from ``start_revision``, resumed on failure.
 
@@ -1338,7 +1355,7 @@ class WatchStream:
                     client._conn.failed(link, exc, None)
                 if is_token_error(exc):
                     client._token_refused(token)
-                elif not is_transient(exc) and exc.code() != grpc.StatusCode.CANCELLED:
+                elif not is_transient(exc) and not _stream_ended(exc):
                     raise wrap_rpc_error(exc, "watch") from exc
                 log.debug("watch on %r broke (%s); resuming from revision %d",
                           self._key, exc.code(), self.next_revision)
