@@ -11,14 +11,9 @@ connection by every client of the process with the same endpoints and TLS files.
 from any thread. Nothing here starts a thread of its own except gRPC's (and a short-lived timer
 per lease keepalive, see :class:`KeepAliveStream`).
 
-Connections: one gRPC channel per endpoint, and calls go to one endpoint at a time (the first,
-at first). An attempt that fails as if that member were gone, frozen or cut off from its peers
-(``UNAVAILABLE``, a ``DEADLINE_EXCEEDED`` of a whole attempt) moves every call and stream on to the
-next endpoint, and retires the failed endpoint's channel: the next use of that endpoint opens a
-new one, which resolves its host name again and reads the TLS files again (renewed certificates
-are picked up on reconnect). Every call carries etcd's ``hasleader`` metadata, so a member
-without a leader answers ``UNAVAILABLE`` at once instead of stalling. Each channel checks its
-member's certificate against that member's own host name or address.
+Connections (:mod:`etcdcron._connection`): one gRPC channel per endpoint, calls going to one
+member at a time and moving on when it fails. Every call carries etcd's ``hasleader`` metadata,
+so a member without a leader answers ``UNAVAILABLE`` at once instead of stalling.
 
 Retries: unary calls are retried on transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
 etcd's "too many requests", an expired or outdated auth token) with capped exponential backoff
@@ -32,14 +27,11 @@ the error goes on, so neither the password nor the auth token reaches a tracebac
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 import queue
 import random
 import re
-import ssl
 import threading
 import time
 import traceback
@@ -48,9 +40,20 @@ from datetime import timedelta
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
-from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 from google.protobuf import unknown_fields
 
+from etcdcron._connection import (
+    ConnectionSpec,
+    Connection,
+    Endpoint,
+    Link,
+    Method,
+    Service,
+    Token,
+    check_credentials,
+    check_timeout,
+    connections,
+)
 from etcdcron.errors import EtcdError, EtcdUnavailableError, ValidationError
 from etcdcron.keys import prefix_end
 
@@ -75,25 +78,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The largest message a channel accepts. A watch replay after a long outage, or a big page of a
-#: listing, can exceed gRPC's 4 MiB default; listings also shrink their pages to fit it.
-MAX_RECEIVE_BYTES = 256 * 1024 * 1024
-#: How often a channel with calls or streams in flight pings etcd to notice a dead or frozen
-#: member. etcd refuses pings more often than its ``--grpc-keepalive-min-time`` (default 5 s)
-#: and any ping on a connection without streams (it answers both with ``GOAWAY
-#: too_many_pings``), so pings are sent only while something is in flight, and not more often
-#: than every 10 s.
-KEEPALIVE_TIME_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
 #: The first attempt of a call on a connection with several endpoints may take this long before
 #: it is given up as a frozen member's (and retried on the next); each retry gets twice as long,
 #: up to the client's request timeout.
 FIRST_ATTEMPT_TIMEOUT = 2.0
 #: A lease keepalive not answered within this many seconds counts as a failure of its member.
 KEEPALIVE_ANSWER_TIMEOUT = 3.0
-#: A channel is retired after a failure only if it is at least this old (seconds), so that many
-#: threads failing together retire it once, not in a storm.
-_MIN_LINK_AGE = 1.0
 #: How often a call waiting on etcd looks at its stop event (seconds).
 _STOP_POLL = 0.1
 #: Ops per read-only transaction when looking through a key's history (etcd's --max-txn-ops
@@ -177,8 +167,6 @@ class Backoff:
 
 
 _TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-#: Codes that say the member itself is unusable now (gone, frozen, without a leader).
-_MEMBER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def is_transient(exc: grpc.RpcError) -> bool:
@@ -303,211 +291,6 @@ def _invoke(fn, request, timeout: float, metadata, stop: threading.Event | None)
     return future.result()
 
 
-# -- connection options ---------------------------------------------------------------------------
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_HOST = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """One etcd member's client address."""
-
-    host: str
-    port: int
-
-    @property
-    def target(self) -> str:
-        """The gRPC target: the host name itself, so gRPC resolves it (again on reconnect) and
-        checks the certificate against it."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def __str__(self) -> str:
-        return self.target
-
-
-def parse_endpoint(text: object) -> tuple[Endpoint, str | None]:
-    """``(endpoint, scheme)`` of ``host:port``, ``http://host:port`` or ``https://host:port``
-    (``scheme`` is ``None`` without one).
-
-    :raises ValidationError: naming the endpoint and what is wrong with it.
-    """
-    if not isinstance(text, str):
-        raise ValidationError(f"etcd endpoint must be a str, got {text!r}")
-    rest = text.strip()
-    scheme = None
-    match = _SCHEME.match(rest)
-    if match:
-        scheme = match.group(1).lower()
-        rest = rest[match.end():]
-        if scheme not in ("http", "https"):
-            raise ValidationError(f"etcd endpoint {text!r} has scheme {scheme + '://'!r}; "
-                                  "use http://, https:// or none")
-        if "://" in rest:
-            raise ValidationError(f"etcd endpoint {text!r} has more than one scheme")
-    rest = rest[:-1] if rest.endswith("/") else rest
-    if rest.startswith("["):
-        host, bracket, port = rest[1:].partition("]")
-        if not bracket or not port.startswith(":"):
-            raise ValidationError(f"etcd endpoint {text!r} is not host:port ([v6 address]:port)")
-        port = port[1:]
-        valid_host = bool(host) and all(c in "0123456789abcdefABCDEF:." for c in host)
-    else:
-        host, _, port = rest.rpartition(":")
-        valid_host = bool(_HOST.match(host))
-    if not valid_host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValidationError(f"etcd endpoint {text!r} is not host:port (or http://host:port, "
-                              "https://host:port)")
-    return Endpoint(host, int(port)), scheme
-
-
-def _path_option(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value:
-        raise ValidationError(f"{name} must be the path of a PEM file, got {value!r}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionSpec:
-    """What a connection is made of; clients with equal specs share one in a process.
-
-    Build it with :meth:`parse`, which checks everything that can be checked without etcd.
-    """
-
-    endpoints: tuple[Endpoint, ...]
-    tls: bool
-    ca_cert: str | None = None
-    cert_key: str | None = None
-    cert_cert: str | None = None
-    # Channel settings: the module's when the spec is parsed.
-    max_receive_bytes: int = 4 << 20
-    keepalive_time_ms: int = 10_000
-
-    @classmethod
-    def parse(cls, endpoints: object, ca_cert: object = None, cert_key: object = None,
-              cert_cert: object = None) -> ConnectionSpec:
-        """:raises ValidationError: if an option is invalid or contradicts another."""
-        if isinstance(endpoints, str):
-            items = [e for e in endpoints.split(",") if e.strip()]
-        elif isinstance(endpoints, (list, tuple)):
-            items = list(endpoints)
-        else:
-            raise ValidationError(f"endpoints must be a str or a list of str, got {endpoints!r}")
-        if not items:
-            raise ValidationError(f"endpoints names no etcd endpoint: {endpoints!r}")
-        parsed = [parse_endpoint(item) for item in items]
-        schemes = {scheme for _, scheme in parsed if scheme is not None}
-        if len(schemes) > 1:
-            raise ValidationError(f"endpoints mix http:// and https://: {endpoints!r}")
-        ca_cert = _path_option("ca_cert", ca_cert)
-        cert_key = _path_option("cert_key", cert_key)
-        cert_cert = _path_option("cert_cert", cert_cert)
-        if (cert_key is None) != (cert_cert is None):
-            given, missing = ("cert_key", "cert_cert") if cert_cert is None else ("cert_cert",
-                                                                                   "cert_key")
-            raise ValidationError(f"{given} needs {missing}: a client certificate takes both "
-                                  "the key and the certificate")
-        files = [n for n, v in (("ca_cert", ca_cert), ("cert_key", cert_key),
-                                ("cert_cert", cert_cert)) if v is not None]
-        if schemes == {"http"} and files:
-            raise ValidationError(f"endpoints use http:// (no TLS) but {', '.join(files)} "
-                                  f"asks for TLS: use https:// endpoints, or drop the TLS files")
-        tls = schemes == {"https"} or bool(files)
-        unique = tuple(dict.fromkeys(endpoint for endpoint, _ in parsed))
-        spec = cls(unique, tls, ca_cert, cert_key, cert_cert, MAX_RECEIVE_BYTES, KEEPALIVE_TIME_MS)
-        if tls:
-            _read_tls(spec)  # fail now, not on the first call
-        return spec
-
-
-def _read_tls(spec: ConnectionSpec) -> tuple[bytes | None, bytes | None, bytes | None]:
-    """``(CA, key, certificate)`` PEM bytes of ``spec``, read now and checked.
-
-    :raises ValidationError: naming the option whose file is missing, unreadable, not PEM, or a
-        key that does not belong to its certificate.
-    """
-    def read(name: str, path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as handle:
-                return handle.read()
-        except OSError as exc:
-            raise ValidationError(f"{name} {path!r} cannot be read: {exc.strerror}") from None
-
-    ca, key, cert = (read("ca_cert", spec.ca_cert), read("cert_key", spec.cert_key),
-                     read("cert_cert", spec.cert_cert))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca is not None:
-        try:
-            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError) as exc:
-            raise ValidationError(f"ca_cert {spec.ca_cert!r} holds no PEM certificate "
-                                  f"({exc})") from None
-    if cert is not None:
-        try:  # the key must be unencrypted (gRPC cannot ask for a passphrase)
-            context.load_cert_chain(spec.cert_cert, spec.cert_key, password=lambda: b"")
-        except (ssl.SSLError, ValueError, OSError) as exc:
-            raise ValidationError(
-                f"cert_cert {spec.cert_cert!r} and cert_key {spec.cert_key!r} are not a PEM "
-                f"certificate and its unencrypted private key ({exc})") from None
-    return ca, key, cert
-
-
-class _Secret:
-    """A user name and password; ``repr()`` shows the user only."""
-
-    __slots__ = ("user", "_password")
-
-    def __init__(self, user: str, password: str):
-        self.user = user
-        self._password = password
-
-    def request(self) -> rpc.AuthenticateRequest:
-        return rpc.AuthenticateRequest(name=self.user, password=self._password)
-
-    def __repr__(self) -> str:
-        return f"<credentials of {self.user!r}>"
-
-
-class _Token(str):
-    """An auth token; ``repr()`` (of it, or of metadata holding it) does not show it."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<etcd auth token>"
-
-
-def _check_credentials(user: object, password: object) -> _Secret | None:
-    if user is None and password is None:
-        return None
-    if user is None:
-        raise ValidationError("password needs user: give the etcd user name too")
-    if password is None:
-        raise ValidationError(f"user {user!r} needs password")
-    if not isinstance(user, str) or not user:
-        raise ValidationError(f"user must be a non-empty str, got {user!r}")
-    if not isinstance(password, str) or not password:
-        raise ValidationError("password must be a non-empty str")
-    return _Secret(user, password)
-
-
-def _check_timeout(value: object) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError(f"request_timeout must be a number of seconds or a timedelta, "
-                              f"got {value!r}")
-    if value < 0.001:
-        raise ValidationError(f"request_timeout must be at least 0.001 seconds, got {value!r}")
-    return float(value)
-
-
 def connect(*, endpoints=None, client=None, request_timeout: float | timedelta = 10.0,
             ca_cert=None, cert_key=None, cert_cert=None, user=None, password=None) -> EtcdClient:
     """The :class:`EtcdClient` for :class:`~etcdcron.Cron`'s connection options.
@@ -519,7 +302,7 @@ def connect(*, endpoints=None, client=None, request_timeout: float | timedelta =
     :raises ValidationError: if an option is invalid, contradicts another, or would connect
         with less TLS or auth than it asks for.
     """
-    timeout = _check_timeout(request_timeout)
+    timeout = check_timeout(request_timeout)
     if client is None:
         return EtcdClient("127.0.0.1:2379" if endpoints is None else endpoints,
                           request_timeout=timeout, ca_cert=ca_cert, cert_key=cert_key,
@@ -545,240 +328,6 @@ def connect(*, endpoints=None, client=None, request_timeout: float | timedelta =
             "(--auth-token-ttl, 300 s by default) or when users and roles change; pass "
             "endpoints=..., user=..., password=... (and the TLS options) instead")
     return EtcdClient(channel=channel, request_timeout=timeout)
-
-
-# -- channels and failover ------------------------------------------------------------------------
-
-
-def _open_channel(endpoint: Endpoint, spec: ConnectionSpec,
-                  material: tuple[bytes | None, bytes | None, bytes | None] | None) -> grpc.Channel:
-    """A new channel to one member, with TLS ``material`` ``(CA, key, certificate)``."""
-    options = [
-        # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        # Within etcd's keepalive enforcement: no pings without streams, none too often.
-        ("grpc.keepalive_time_ms", spec.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.http2.max_pings_without_data", 0),  # keep probing a quiet watch
-        ("grpc.max_receive_message_length", spec.max_receive_bytes),
-        ("grpc.max_send_message_length", 16 * 1024 * 1024),
-        ("grpc.dns_min_time_between_resolutions_ms", 1000),
-    ]
-    if not spec.tls:
-        return grpc.insecure_channel(endpoint.target, options=options)
-    credentials = grpc.ssl_channel_credentials(*material)
-    return grpc.secure_channel(endpoint.target, credentials, options=options)
-
-
-class _Link:
-    """One channel to one endpoint, with its stubs. ``retired`` once a newer one replaced it."""
-
-    def __init__(self, index: int, endpoint: Endpoint | None, channel: grpc.Channel, owned: bool):
-        self.index = index
-        self.endpoint = endpoint
-        self.channel = channel
-        self.owned = owned
-        self.opened = time.monotonic()
-        self.retired = False
-        self.stubs = {
-            "KV": rpc_grpc.KVStub(channel),
-            "Watch": rpc_grpc.WatchStub(channel),
-            "Lease": rpc_grpc.LeaseStub(channel),
-            "Auth": rpc_grpc.AuthStub(channel),
-            "Maintenance": rpc_grpc.MaintenanceStub(channel),
-            "Cluster": rpc_grpc.ClusterStub(channel),
-        }
-
-    def retire(self) -> None:
-        self.retired = True
-        if self.owned:
-            self.channel.close()
-
-    def __repr__(self) -> str:
-        return f"<link to {self.endpoint or 'a caller channel'}{' (retired)' if self.retired else ''}>"
-
-
-class _Connection:
-    """The channels of one endpoint list, used one endpoint at a time, with failover.
-
-    :param channel: wrap this channel (of a caller's client) instead: one endpoint, never
-        retired or closed here.
-    """
-
-    def __init__(self, spec: ConnectionSpec | None, channel: grpc.Channel | None = None):
-        self.spec = spec
-        # Guards _links, _current and _closed. A link is opened outside it (it reads files).
-        self._lock = threading.Lock()
-        self._closed = False
-        self._current = 0
-        # The TLS files as last read and found good (read again for every new link).
-        self._material = None
-        if channel is not None:
-            self._links: list[_Link | None] = [_Link(0, None, channel, owned=False)]
-        else:
-            self._links = [None] * len(spec.endpoints)
-
-    @property
-    def size(self) -> int:
-        return len(self._links)
-
-    @property
-    def endpoint(self) -> Endpoint | None:
-        """The endpoint calls go to now (``None`` for a caller's channel)."""
-        return self.spec.endpoints[self._current] if self.spec else None
-
-    def link(self) -> _Link:
-        """The link to use now, opened if need be.
-
-        :raises EtcdError: if the connection is closed, or its TLS files became unusable.
-        """
-        with self._lock:
-            if self._closed:
-                raise EtcdError("this etcd client is closed")
-            index = self._current
-            link = self._links[index]
-            if link is not None:
-                return link
-        endpoint = self.spec.endpoints[index]
-        fresh = _Link(index, endpoint, _open_channel(endpoint, self.spec, self._tls_material()),
-                      owned=True)
-        with self._lock:
-            link = self._links[index]
-            if link is None and not self._closed:
-                self._links[index] = link = fresh
-                fresh = None
-        if fresh is not None:
-            fresh.retire()
-        if link is None:
-            raise EtcdError("this etcd client is closed")
-        return link
-
-    def _tls_material(self):
-        """The TLS files read now (renewed certificates are taken up on reconnect); if they cannot
-        be used (half rewritten, say), the ones read before, with a warning."""
-        if not self.spec.tls:
-            return None
-        try:
-            self._material = _read_tls(self.spec)
-        except ValidationError as exc:
-            if self._material is None:
-                raise EtcdError(f"cannot connect to etcd: {exc}") from exc
-            log.warning("etcd TLS files cannot be used now (%s); keeping the ones read before",
-                        exc)
-        return self._material
-
-    def failed(self, link: _Link, exc: grpc.RpcError, attempt_timeout: float | None) -> None:
-        """``link`` failed with ``exc``: if that says its member is unusable, move on to the next
-        endpoint and retire the link (its streams and calls end and start again elsewhere)."""
-        code = exc.code()
-        if code not in _MEMBER_CODES or not link.owned:
-            return
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            # Only a whole attempt running out says something about the member, and a single
-            # member is not left for a slow answer.
-            if self.size == 1 or attempt_timeout is None or attempt_timeout < 1.0:
-                return
-        with self._lock:
-            if self._closed or self._links[link.index] is not link:
-                return  # already handled
-            if time.monotonic() - link.opened < _MIN_LINK_AGE and self.size == 1:
-                return
-            self._links[link.index] = None
-            if self._current == link.index:
-                self._current = (link.index + 1) % self.size
-            following = self.spec.endpoints[self._current]
-        if self.size > 1:
-            log.info("etcd %s failed (%s: %s); using %s from now on", link.endpoint, code.name,
-                     exc.details(), following)
-        link.retire()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            links = [link for link in self._links if link is not None]
-        for link in links:
-            link.retire()
-
-    @property
-    def channel(self) -> grpc.Channel:
-        """The current channel (for tests and callers that want it as is)."""
-        with self._lock:
-            link = self._links[self._current] or next(
-                (x for x in self._links if x is not None), None)
-        return link.channel if link is not None else self.link().channel
-
-
-class _ConnectionPool:
-    """One :class:`_Connection` per (process, spec), shared by every client of the process.
-
-    A process that runs several :class:`~etcdcron.Cron` (threads of a web worker, tests) then
-    holds one set of connections and one gRPC polling thread instead of one per Cron.
-    Connections are reference counted, and keyed by process id too, so a forked child never
-    uses its parent's.
-    """
-
-    def __init__(self):
-        # Guards _entries: key -> [connection, users].
-        self._lock = threading.Lock()
-        self._entries: dict[tuple, list] = {}
-
-    def acquire(self, spec: ConnectionSpec) -> _Connection:
-        key = (os.getpid(), spec)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = [_Connection(spec), 0]
-            entry[1] += 1
-            return entry[0]
-
-    def release(self, connection: _Connection) -> None:
-        with self._lock:
-            for key, entry in self._entries.items():
-                if entry[0] is connection:
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        del self._entries[key]
-                        break
-                    return
-            else:
-                return
-        connection.close()
-
-
-_connections = _ConnectionPool()
-
-
-class _Method:
-    """A unary or streaming RPC by name, called on whatever link is current."""
-
-    __slots__ = ("_conn", "service", "name")
-
-    def __init__(self, conn: _Connection, service: str, name: str):
-        self._conn = conn
-        self.service = service
-        self.name = name
-
-    def on(self, link: _Link):
-        return getattr(link.stubs[self.service], self.name)
-
-    def __call__(self, request, **kw):
-        return self.on(self._conn.link())(request, **kw)
-
-
-class _Service:
-    """``client._kv.Range`` and the like: the RPCs of one etcd service."""
-
-    def __init__(self, conn: _Connection, service: str):
-        self._conn = conn
-        self._service = service
-
-    def __getattr__(self, name: str) -> _Method:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _Method(self._conn, self._service, name)
 
 
 # -- paging ---------------------------------------------------------------------------------------
@@ -868,25 +417,25 @@ class EtcdClient:
         channel: grpc.Channel | None = None,
         metadata: Iterable[tuple[str, str]] = (),
     ):
-        self.request_timeout = _check_timeout(request_timeout)
-        self._credentials = _check_credentials(user, password)
+        self.request_timeout = check_timeout(request_timeout)
+        self._credentials = check_credentials(user, password)
         if channel is None:
             spec = ConnectionSpec.parse(endpoints, ca_cert, cert_key, cert_cert)
             if self._credentials is not None and not spec.tls:
                 log.warning("etcd user %r authenticates without TLS: the password and every "
                             "request travel in clear text", self._credentials.user)
-            self._conn = _connections.acquire(spec)
+            self._conn = connections.acquire(spec)
             self._pooled = True
         else:
-            self._conn = _Connection(None, channel)
+            self._conn = Connection(None, channel)
             self._pooled = False
         self._closed = False
-        self._kv = _Service(self._conn, "KV")
-        self._watch = _Service(self._conn, "Watch")
-        self._lease = _Service(self._conn, "Lease")
-        self._auth = _Service(self._conn, "Auth")
-        self._maintenance = _Service(self._conn, "Maintenance")
-        self._cluster = _Service(self._conn, "Cluster")
+        self._kv = Service(self._conn, "KV")
+        self._watch = Service(self._conn, "Watch")
+        self._lease = Service(self._conn, "Lease")
+        self._auth = Service(self._conn, "Auth")
+        self._maintenance = Service(self._conn, "Maintenance")
+        self._cluster = Service(self._conn, "Cluster")
         self._base_metadata = (*tuple(metadata), _REQUIRE_LEADER)
         # Guards _token, _token_pending and _token_generation. The token is fetched by one thread
         # at a time (the others wait on _token_pending, within their own deadlines), never while
@@ -915,7 +464,7 @@ class EtcdClient:
             return
         self._closed = True
         if self._pooled:
-            _connections.release(self._conn)
+            connections.release(self._conn)
 
     def __repr__(self) -> str:
         return f"<EtcdClient {self._conn.endpoint or 'on a caller channel'}>"
@@ -976,7 +525,7 @@ class EtcdClient:
         link = self._conn.link()
         timeout = retry.attempt_timeout()
         try:
-            response = _invoke(_Method(self._conn, "Auth", "Authenticate").on(link),
+            response = _invoke(Method(self._conn, "Auth", "Authenticate").on(link),
                                self._credentials.request(), timeout, self._base_metadata,
                                retry.stop)
         except grpc.RpcError as exc:
@@ -985,7 +534,7 @@ class EtcdClient:
             if is_transient(exc):
                 raise
             raise wrap_rpc_error(exc, f"authentication as {self._credentials.user!r}") from exc
-        return _Token(response.token)
+        return Token(response.token)
 
     def _token_refused(self, token: str | None) -> None:
         """etcd refused ``token``: drop it (unless another thread has fetched a newer one)."""
@@ -997,7 +546,7 @@ class EtcdClient:
 
     def call(
         self,
-        method: _Method,
+        method: Method,
         request,
         what: str,
         *,
@@ -1045,7 +594,7 @@ class EtcdClient:
                 unsettled = settle is not None and not _surely_not_applied(exc)
                 retry.pause(exc, what)
 
-    def _attempt(self, method: _Method, request, retry: _Retry):
+    def _attempt(self, method: Method, request, retry: _Retry):
         """One attempt on the current link.
 
         :raises grpc.RpcError: the attempt's failure, its frames scrubbed, the link's failover
@@ -1316,7 +865,7 @@ class WatchStream:
         if call is not None:
             call.cancel()
 
-    def _open(self, link: _Link, metadata) -> tuple[object, _RequestQueue] | None:
+    def _open(self, link: Link, metadata) -> tuple[object, _RequestQueue] | None:
         requests = _RequestQueue()
         create = rpc.WatchCreateRequest(key=self._key, range_end=self._range_end,
                                         start_revision=self.next_revision, progress_notify=True)

@@ -13,7 +13,7 @@ from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 from google.protobuf import any_pb2, wrappers_pb2
 
 from etcdcron import Cron, EtcdError, Job
-from etcdcron import _etcd
+from etcdcron import _connection
 from etcdcron._etcd import EtcdClient, PageSizer
 from etcdcron.keys import Keys, prefix_end
 from etcdcron.testing import EtcdCluster, EtcdServer, free_port, wait_until
@@ -66,7 +66,7 @@ def test_a_page_too_large_for_the_receive_limit_shrinks_until_one_key_is_left():
 @pytest.fixture
 def small_receive_limit(monkeypatch):
     """Channels opened from now on accept messages of at most 2 MiB."""
-    monkeypatch.setattr(_etcd, "MAX_RECEIVE_BYTES", 2 << 20)
+    monkeypatch.setattr(_connection, "MAX_RECEIVE_BYTES", 2 << 20)
     return 2 << 20
 
 
@@ -100,7 +100,7 @@ def test_a_listing_of_records_larger_than_the_receive_limit_succeeds(own_etcd,
 
 @pytest.mark.etcd
 def test_a_single_key_over_the_receive_limit_is_a_clear_error(own_etcd, monkeypatch):
-    monkeypatch.setattr(_etcd, "MAX_RECEIVE_BYTES", 1 << 20)
+    monkeypatch.setattr(_connection, "MAX_RECEIVE_BYTES", 1 << 20)
     client = EtcdClient(own_etcd.endpoint)
     try:
         client.put(b"p/a", b"small")
@@ -161,7 +161,7 @@ def test_watch_reconnects_leak_no_threads(own_etcd):
 def test_keepalive_pings_fit_etcds_enforcement(monkeypatch, capfd):
     """etcd answers pings on a connection without streams, or more often than its minimum, with
     GOAWAY too_many_pings: an idle connection, and a quiet watch, must outlive several pings."""
-    monkeypatch.setattr(_etcd, "KEEPALIVE_TIME_MS", 1000)  # fast, within the server's 500 ms
+    monkeypatch.setattr(_connection, "KEEPALIVE_TIME_MS", 1000)  # fast, within the server's 500 ms
     with EtcdServer(extra_args=["--grpc-keepalive-min-time=500ms"]) as etcd:
         client = EtcdClient(etcd.endpoint)
         try:
@@ -375,8 +375,8 @@ def test_an_add_whose_answer_was_lost_is_not_applied_again(own_etcd, namespace, 
         return calls.count("once") >= 1 and not rpc_pb2_grpc.KVStub(raw).Range(kv).kvs
 
     loser = LoseAnswer(keys.job("once"), fired_and_gone)
-    opened = _etcd._open_channel
-    monkeypatch.setattr(_etcd, "_open_channel",
+    opened = _connection.open_channel
+    monkeypatch.setattr(_connection, "open_channel",
                         lambda *a: grpc.intercept_channel(opened(*a), loser))
     replica = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add, lease_ttl=5)
     producer = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=print)
@@ -406,8 +406,8 @@ def test_a_scheduled_job_whose_add_answer_was_lost_keeps_its_counter(own_etcd, n
         return calls.count("tick") >= 1 and bool(counter)
 
     loser = LoseAnswer(keys.job("tick"), fired_once)
-    opened = _etcd._open_channel
-    monkeypatch.setattr(_etcd, "_open_channel",
+    opened = _connection.open_channel
+    monkeypatch.setattr(_connection, "open_channel",
                         lambda *a: grpc.intercept_channel(opened(*a), loser))
     replica = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add, lease_ttl=5)
     producer = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=print)

@@ -543,7 +543,7 @@ def _answers(cron: Cron) -> bool:
     return True
 
 
-def test_renewed_certificates_are_read_again_on_reconnect(tmp_path, namespace, calls):
+def test_renewed_certificates_are_read_again_on_reconnect(tmp_path, namespace, calls, caplog):
     """Every certificate is replaced (a new CA too) while a Cron runs: the client files are
     rewritten in place, and etcd restarts with its new ones. The running Cron goes on."""
     pki = Pki(tmp_path)
@@ -575,6 +575,13 @@ def test_renewed_certificates_are_read_again_on_reconnect(tmp_path, namespace, c
             assert cron.wait_elected(10)
             cron.add("tick", Job(schedule="@every 300ms"))
             calls.wait("tick", 2)
+
+            # half way through a renewal: a key that is not the certificate's is not taken
+            (live / "client.key").write_bytes((tmp_path / "client-new.key").read_bytes())
+            etcd.restart()
+            wait_until(lambda: _answers(cron), 30, interval=0.2,
+                       message="the Cron to reconnect with the files it read before")
+            assert "keeping the ones read before" in caplog.text
 
             install("new")
             etcd.tls = served_by("new")
