@@ -96,8 +96,8 @@ class Cron:
         An exception counts as FAILED.
     :param namespace: the key prefix shared by the replicas (``NS/jobs/...``).
     :param endpoints: ``"host:port"``, a comma-separated string or a list of them.
-    :param client: an existing ``etcd3`` client whose channel and credentials are reused,
-        instead of ``endpoints``.
+    :param client: an existing ``etcd3`` client (not logged in as a user) whose channel and TLS
+        are reused, instead of ``endpoints`` and the TLS and auth options.
     :param replica_id: this replica's id in dynamic membership (default: unique); a second
         process with the same id waits passively and takes over when the first goes away.
     :param partition_id: static mode: this replica's partition (with ``partition_total``).
@@ -116,7 +116,8 @@ class Cron:
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
     :param cert_key: client key file for TLS client authentication.
     :param cert_cert: client certificate file for TLS client authentication.
-    :param user: etcd user (with ``password``); the auth token is renewed when it expires.
+    :param user: etcd user (with ``password``); the auth token is renewed whenever etcd refuses
+        it. See ``docs/security.rst``.
     :param clock: wall-clock seconds since the epoch (for tests; default ``time.time``).
     :raises ValidationError: if an option is invalid.
     """

@@ -362,63 +362,62 @@ class LoseAnswer(grpc.UnaryUnaryClientInterceptor):
         return outcome
 
 
+class LostAnswerSetup:
+    """A running replica and a producer on ``own_etcd``, every channel opened through
+    :class:`LoseAnswer`; ``exists(key)`` reads etcd around them."""
+
+    def __init__(self, etcd: EtcdServer, namespace: str, calls, monkeypatch):
+        self.keys = Keys(namespace)
+        self._raw = grpc.insecure_channel(etcd.endpoint)
+        self.loser = None
+        opened = _connection.open_channel
+        monkeypatch.setattr(_connection, "open_channel",
+                            lambda *a: grpc.intercept_channel(opened(*a), self.loser))
+        self.replica = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=calls.add,
+                            lease_ttl=5)
+        self.producer = Cron(endpoints=etcd.endpoint, namespace=namespace, trigger=print)
+
+    def exists(self, key: bytes) -> bool:
+        return bool(rpc_pb2_grpc.KVStub(self._raw).Range(rpc_pb2.RangeRequest(key=key)).kvs)
+
+    def start(self, key: bytes, until) -> None:
+        self.loser = LoseAnswer(key, until)
+        self.replica.start()
+        assert self.replica.wait_elected(10)
+
+    def close(self) -> None:
+        self.producer.stop()
+        self.replica.stop()
+        self._raw.close()
+
+
+@pytest.fixture
+def lost_answer(own_etcd, namespace, calls, monkeypatch):
+    setup = LostAnswerSetup(own_etcd, namespace, calls, monkeypatch)
+    yield setup
+    setup.close()
+
+
 @pytest.mark.etcd
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["add", "add_if_not_exists"])
-def test_an_add_whose_answer_was_lost_is_not_applied_again(own_etcd, namespace, calls,
-                                                           monkeypatch, method):
-    keys = Keys(namespace)
-    raw = grpc.insecure_channel(own_etcd.endpoint)
-    kv = rpc_pb2.RangeRequest(key=keys.job("once"))
-
-    def fired_and_gone() -> bool:
-        return calls.count("once") >= 1 and not rpc_pb2_grpc.KVStub(raw).Range(kv).kvs
-
-    loser = LoseAnswer(keys.job("once"), fired_and_gone)
-    opened = _connection.open_channel
-    monkeypatch.setattr(_connection, "open_channel",
-                        lambda *a: grpc.intercept_channel(opened(*a), loser))
-    replica = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add, lease_ttl=5)
-    producer = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=print)
-    try:
-        replica.start()
-        assert replica.wait_elected(10)
-        getattr(producer, method)("once", Job(due_time="0s"))
-        assert loser.dropped == 1
-        # a second trigger would come within moments of a second write
-        assert not happens_within(lambda: calls.count("once") > 1, 2.0)
-        assert producer.get("once") is None
-    finally:
-        producer.stop()
-        replica.stop()
-        raw.close()
+def test_an_add_whose_answer_was_lost_is_not_applied_again(lost_answer, calls, method):
+    key = lost_answer.keys.job("once")
+    lost_answer.start(key, lambda: calls.count("once") >= 1 and not lost_answer.exists(key))
+    getattr(lost_answer.producer, method)("once", Job(due_time="0s"))
+    assert lost_answer.loser.dropped == 1
+    # a second trigger would come within moments of a second write
+    assert not happens_within(lambda: calls.count("once") > 1, 2.0)
+    assert lost_answer.producer.get("once") is None
 
 
 @pytest.mark.etcd
 @pytest.mark.slow
-def test_a_scheduled_job_whose_add_answer_was_lost_keeps_its_counter(own_etcd, namespace, calls,
-                                                                     monkeypatch):
-    keys = Keys(namespace)
-    raw = grpc.insecure_channel(own_etcd.endpoint)
-
-    def fired_once() -> bool:
-        counter = rpc_pb2_grpc.KVStub(raw).Range(rpc_pb2.RangeRequest(key=keys.counter("tick"))).kvs
-        return calls.count("tick") >= 1 and bool(counter)
-
-    loser = LoseAnswer(keys.job("tick"), fired_once)
-    opened = _connection.open_channel
-    monkeypatch.setattr(_connection, "open_channel",
-                        lambda *a: grpc.intercept_channel(opened(*a), loser))
-    replica = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=calls.add, lease_ttl=5)
-    producer = Cron(endpoints=own_etcd.endpoint, namespace=namespace, trigger=print)
-    try:
-        replica.start()
-        assert replica.wait_elected(10)
-        producer.add("tick", Job(schedule="@every 1s", repeats=2))
-        wait_until(lambda: producer.get("tick") is None, 15, message="both ticks")
-        assert not happens_within(lambda: calls.count("tick") > 2, 1.5)
-        assert calls.count("tick") == 2  # a second write would have started it afresh: 3
-    finally:
-        producer.stop()
-        replica.stop()
-        raw.close()
+def test_a_scheduled_job_whose_add_answer_was_lost_keeps_its_counter(lost_answer, calls):
+    lost_answer.start(lost_answer.keys.job("tick"), lambda: calls.count("tick") >= 1
+                      and lost_answer.exists(lost_answer.keys.counter("tick")))
+    lost_answer.producer.add("tick", Job(schedule="@every 1s", repeats=2))
+    assert lost_answer.loser.dropped == 1
+    wait_until(lambda: lost_answer.producer.get("tick") is None, 15, message="both ticks")
+    assert not happens_within(lambda: calls.count("tick") > 2, 1.5)
+    assert calls.count("tick") == 2  # a second write would have started it afresh: 3
