@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PROTO_VENV ?= .venv-proto
 
-.PHONY: all install demo test test-unit bench proto check-protobuf clean
+.PHONY: all install demo test test-unit bench docs proto check-protobuf clean
 
 all: test
 
@@ -28,6 +28,11 @@ test-unit: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/run.py
+
+# The Sphinx docs, warnings as errors, into build/docs/html (tests/test_docs.py builds them too).
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
 
 # Regenerates etcdcron/_pb from protos/ with the pinned protoc of grpcio-tools (its output needs
 # protobuf >= 5.29 at run time, the oldest the package declares).

@@ -22,11 +22,13 @@ from etcdcron.errors import (
     EtcdError,
     EtcdUnavailableError,
     JobExistsError,
+    JobNotFoundError,
     LifecycleError,
     StopTimeoutError,
     ValidationError,
 )
 from etcdcron.leadership import ElectionState
+from etcdcron.status import JobStatus
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "InformerEvent",
     "Job",
     "JobExistsError",
+    "JobStatus",
     "LifecycleError",
     "ListResponse",
     "NamedJob",

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import ssl
 import threading
 import time
-from datetime import timedelta
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
 
+from etcdcron import options
 from etcdcron.errors import EtcdError, ValidationError
 
 __all__ = [
@@ -249,28 +248,21 @@ class Token(str):
 
 
 def check_credentials(user: object, password: object) -> Secret | None:
-    if user is None and password is None:
-        return None
+    """The credentials, or ``None`` without ``user``. A user without a password authenticates
+    with an empty one (which etcd refuses, loudly, unless that user has one)."""
     if user is None:
-        raise ValidationError("password needs user: give the etcd user name too")
-    if password is None:
-        raise ValidationError(f"user {user!r} needs password")
+        if password is not None:
+            raise ValidationError("password needs user: give the etcd user name too")
+        return None
     if not isinstance(user, str) or not user:
         raise ValidationError(f"user must be a non-empty str, got {user!r}")
-    if not isinstance(password, str) or not password:
-        raise ValidationError("password must be a non-empty str")
-    return Secret(user, password)
+    if password is not None and not isinstance(password, str):
+        raise ValidationError("password must be a str")
+    return Secret(user, password or "")
 
 
 def check_timeout(value: object) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError(f"request_timeout must be a number of seconds or a timedelta, "
-                              f"got {value!r}")
-    if value < 0.001:
-        raise ValidationError(f"request_timeout must be at least 0.001 seconds, got {value!r}")
-    return float(value)
+    return options.seconds("request_timeout", value, 0.001)
 
 
 # -- channels and failover ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import re
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 
@@ -422,13 +423,14 @@ class EtcdClient:
         if channel is None:
             spec = ConnectionSpec.parse(endpoints, ca_cert, cert_key, cert_cert)
             if self._credentials is not None and not spec.tls:
-                log.warning("etcd user %r authenticates without TLS: the password and every "
+                log.info("etcd user %r authenticates without TLS: the password and every "
                             "request travel in clear text", self._credentials.user)
             self._conn = connections.acquire(spec)
-            self._pooled = True
+            # released by close(), or when this client is garbage collected unclosed
+            self._release = weakref.finalize(self, connections.release, self._conn)
         else:
             self._conn = Connection(None, channel)
-            self._pooled = False
+            self._release = None
         self._closed = False
         self._kv = Service(self._conn, "KV")
         self._watch = Service(self._conn, "Watch")
@@ -463,8 +465,8 @@ class EtcdClient:
         if self._closed:
             return
         self._closed = True
-        if self._pooled:
-            connections.release(self._conn)
+        if self._release is not None:
+            self._release()
 
     def __repr__(self) -> str:
         return f"<EtcdClient {self._conn.endpoint or 'on a caller channel'}>"

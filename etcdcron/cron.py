@@ -14,17 +14,16 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from etcdcron import options
 from etcdcron._etcd import connect
 from etcdcron._pb import api_pb2
 from etcdcron.engine import Engine
@@ -35,12 +34,18 @@ from etcdcron.keys import Keys
 from etcdcron.leadership import Elector, ElectionState, LeaseKeeper
 from etcdcron.notify import Notifier
 from etcdcron.staging import DeliverableHandle, Staging
+from etcdcron.status import JobStatus, LocalView, job_status, job_statuses
 from etcdcron.store import Store
+from etcdcron.supervise import Health, Loop
 from etcdcron.validation import validate_prefix
 
 __all__ = ["Cron", "CronState"]
 
 log = logging.getLogger("etcdcron")
+
+#: Seconds a session's end waits for triggers in flight before handing them over (at most a
+#: quarter of the lease TTL).
+DEFAULT_DRAIN_TIMEOUT = 2.0
 
 
 class CronState(enum.Enum):
@@ -56,21 +61,6 @@ _TRANSITIONS = {
     CronState.STOPPING: {CronState.STOPPED},
     CronState.STOPPED: set(),
 }
-
-
-def _seconds(name: str, value: object, minimum: float) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValidationError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
-    if value < minimum:
-        raise ValidationError(f"{name} must be at least {minimum} seconds, got {value!r}")
-    return float(value)
-
-
-def _callable_or_none(name: str, value: object) -> None:
-    if value is not None and not callable(value):
-        raise ValidationError(f"{name} must be callable, got {value!r}")
 
 
 class Cron:
@@ -111,6 +101,15 @@ class Cron:
         starts or stops owning (``put``, ``delete``, ``drop_all`` before each rebalance and on
         stop).
     :param counter_gc_interval: seconds between sweeps of orphaned counters (default 180).
+    :param drain_timeout: seconds a session's end (a rebalance, a lost lease, a stop) waits for
+        triggers in flight; those still running then are handed over: their results are still
+        recorded when they finish, and the job's next owner waits for them (default
+        ``min(2, lease_ttl / 4)``).
+    :param trigger_timeout: seconds a trigger may take (until it returns, or its ``Future``
+        resolves) before it counts as FAILED and its failure policy applies; a result that
+        comes later is ignored. A synchronous trigger cannot be interrupted: its worker is
+        replaced (up to twice ``workers`` threads in all) and listed in ``health().stuck``
+        until it returns. Default: no limit.
     :param logger: where etcdcron logs (default ``logging.getLogger("etcdcron")``).
     :param request_timeout: how long a CRUD call keeps retrying a failing etcd, in seconds.
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
@@ -138,6 +137,8 @@ class Cron:
         on_leadership: Callable | None = None,
         consumer_sink: Callable | None = None,
         counter_gc_interval: float | timedelta = 180,
+        drain_timeout: float | timedelta | None = None,
+        trigger_timeout: float | timedelta | None = None,
         logger: logging.Logger | None = None,
         request_timeout: float | timedelta = 10,
         ca_cert: str | None = None,
@@ -149,37 +150,36 @@ class Cron:
     ):
         if not callable(trigger):
             raise ValidationError(f"trigger must be callable, got {trigger!r}")
-        if not isinstance(namespace, str) or not namespace:
-            raise ValidationError(f"namespace must be a non-empty str, got {namespace!r}")
-        _callable_or_none("on_leadership", on_leadership)
-        _callable_or_none("consumer_sink", consumer_sink)
+        namespace = options.check_namespace(namespace)
+        options.callable_or_none("on_leadership", on_leadership)
+        options.callable_or_none("consumer_sink", consumer_sink)
+        options.check_logger(logger)
         self._trigger = trigger
         self._on_leadership = on_leadership
         self._consumer_sink = consumer_sink
-        self._static = self._check_partitions(replica_id, partition_id, partition_total)
+        self._static = options.check_partitions(replica_id, partition_id, partition_total)
         if self._static is not None:
             replica_id = str(self._static[0])
         elif replica_id is None:
             replica_id = uuid.uuid4().hex
-        elif not isinstance(replica_id, str) or not replica_id or "/" in replica_id:
-            raise ValidationError(f"replica_id must be a non-empty str without '/', "
-                                  f"got {replica_id!r}")
-        self.replica_id = replica_id
-        if workers is None:
-            workers = min(32, (os.cpu_count() or 1) + 4)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValidationError(f"workers must be an int >= 1, got {workers!r}")
-        self._workers = workers
-        self._lease_ttl = math.ceil(_seconds("lease_ttl", lease_ttl, 2))
-        self._gc_interval = _seconds("counter_gc_interval", counter_gc_interval, 0.001)
-        self._replica_data = self._pack(replica_data)
+        self.replica_id = options.check_replica_id(replica_id)
+        self._workers = options.check_workers(workers)
+        self._lease_ttl = math.ceil(options.seconds("lease_ttl", lease_ttl, 2,
+                                                    options.MAX_LEASE_TTL))
+        self._drain_timeout = (min(DEFAULT_DRAIN_TIMEOUT, self._lease_ttl / 4)
+                               if drain_timeout is None
+                               else options.seconds("drain_timeout", drain_timeout, 0))
+        self._trigger_timeout = (None if trigger_timeout is None
+                                 else options.seconds("trigger_timeout", trigger_timeout, 0.001))
+        self._gc_interval = options.seconds("counter_gc_interval", counter_gc_interval, 0.001)
+        self._replica_data = options.pack_replica_data(replica_data)
         self._log = logger or log
-        self._clock = clock
+        self._clock = options.check_clock(clock)
 
+        self._keys = Keys(namespace, self._log)
         self._client = connect(endpoints=endpoints, client=client, request_timeout=request_timeout,
                                ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert, user=user,
                                password=password)
-        self._keys = Keys(namespace)
         self._store = Store(self._client, self._keys,
                             lambda: datetime.fromtimestamp(self._clock(), timezone.utc))
         self._staging = Staging(self._release_staged)
@@ -194,35 +194,6 @@ class Cron:
         self._lease: LeaseKeeper | None = None
         self._notifier: Notifier | None = None
         self._collector: CounterCollector | None = None
-
-    @staticmethod
-    def _check_partitions(replica_id, partition_id, partition_total) -> tuple[int, int] | None:
-        if partition_id is None and partition_total is None:
-            return None
-        if partition_id is None or partition_total is None:
-            raise ValidationError("static mode needs both partition_id and partition_total")
-        if replica_id is not None:
-            raise ValidationError("give either replica_id (dynamic membership) or "
-                                  "partition_id/partition_total (static mode), not both")
-        for name, value in (("partition_id", partition_id), ("partition_total", partition_total)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValidationError(f"{name} must be an int, got {value!r}")
-        if partition_total < 1:
-            raise ValidationError(f"partition_total must be >= 1, got {partition_total}")
-        if not 0 <= partition_id < partition_total:
-            raise ValidationError(f"partition_id must be in [0, {partition_total}), "
-                                  f"got {partition_id}")
-        return partition_id, partition_total
-
-    @staticmethod
-    def _pack(replica_data) -> any_pb2.Any | None:
-        if replica_data is None or isinstance(replica_data, any_pb2.Any):
-            return replica_data
-        if not isinstance(replica_data, Message):
-            raise ValidationError(f"replica_data must be a protobuf message, got {replica_data!r}")
-        packed = any_pb2.Any()
-        packed.Pack(replica_data)
-        return packed
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -265,7 +236,7 @@ class Cron:
         self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
                               workers=self._workers, lease_valid=self._lease.valid, emit=emit,
                               staging=self._staging, stop=stop, clock=self._clock,
-                              logger=self._log)
+                              trigger_timeout=self._trigger_timeout, logger=self._log)
         self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
                                            self._log)
         self._elector = Elector(client=self._client, keys=self._keys, lease=self._lease,
@@ -293,7 +264,7 @@ class Cron:
     def _deactivate(self) -> None:
         self._collector.deactivate()
         remaining = self._stop_deadline - time.monotonic()
-        self._engine.deactivate(max(0.0, min(remaining, self._lease_ttl)))
+        self._engine.deactivate(max(0.0, min(remaining, self._drain_timeout)))
 
     def _elected(self, ownership: Ownership) -> None:
         if self._on_leadership is not None:
@@ -307,28 +278,44 @@ class Cron:
         """Stop triggering, release the leadership key at once, and join every thread.
 
         Waits up to ``timeout`` seconds in all, first for triggers in flight to be recorded.
-        Idempotent.
+        Idempotent. Called from a trigger or a callback (one of this Cron's own threads, which
+        stopping waits for), it starts the stop and returns at once; the Cron reaches STOPPED
+        once that trigger or callback has returned, and :meth:`run` then returns.
 
         :raises StopTimeoutError: naming the threads that did not stop in time (for example a
             trigger that never returns).
         """
         deadline = time.monotonic() + timeout
+        own = threading.current_thread() in self._threads_or_none()
         with self._state_cond:
             if self._state is CronState.NEW:
                 self._set_state_locked(CronState.STOPPED)
                 self._client.close()
                 return
             if self._state is CronState.STOPPING:
-                self._state_cond.wait_for(lambda: self._state is CronState.STOPPED, timeout)
+                if not own:
+                    self._state_cond.wait_for(lambda: self._state is CronState.STOPPED, timeout)
                 return
             if self._state is CronState.STOPPED:
                 return
             self._set_state_locked(CronState.STOPPING)
         self._stop_deadline = deadline
+        if own:
+            threading.Thread(target=self._shut_down, args=(deadline, timeout, True),
+                             name="etcdcron-stop").start()
+            return
+        self._shut_down(deadline, timeout, False)
+
+    def _threads_or_none(self) -> list[threading.Thread]:
+        return self._threads() if self._engine is not None else []
+
+    def _shut_down(self, deadline: float, timeout: float, detached: bool) -> None:
         # The election thread ends the session first, waiting for results in flight; only then
         # does the shared stop event make every other thread abandon its etcd retries.
         self._elector.halt()
         self._elector.thread.join(max(0.0, deadline - time.monotonic()))
+        # Triggers handed over when the session ended are still recorded, within the timeout.
+        self._engine.wait_handed_over(max(0.0, deadline - time.monotonic()))
         self._stop_event.set()
         self._elector.watch.stop()
         self._engine.stop()
@@ -345,8 +332,11 @@ class Cron:
         with self._state_cond:
             self._set_state_locked(CronState.STOPPED)
         if alive:
-            raise StopTimeoutError(f"threads still running {timeout}s after stop(): "
-                                   f"{', '.join(alive)}")
+            error = StopTimeoutError(f"threads still running {timeout}s after stop(): "
+                                     f"{', '.join(alive)}")
+            if not detached:
+                raise error
+            self._log.error("%s", error)
 
     def run(self) -> None:
         """Start, and block until :meth:`stop` is called from another thread (or Ctrl-C)."""
@@ -363,6 +353,33 @@ class Cron:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    def _loops(self) -> list[Loop]:
+        if self._engine is None:
+            return []
+        loops = [*self._engine.loops, self._collector.loop]
+        if self._notifier is not None:
+            loops.append(self._notifier.loop)
+        return loops
+
+    def health(self) -> Health:
+        """What every background thread is doing, and what could not be done.
+
+        Per thread: whether it is alive, when it last made progress and its last error; plus
+        the jobs whose results etcd refused (retried until written) and the owned jobs that
+        cannot be scheduled. ``health().ok`` is what a readiness probe wants; ``problems``
+        says what is wrong, a line each.
+        """
+        engine = self._engine
+        return Health(
+            state=self._state,
+            election=self.election_state,
+            elected=self.is_elected(),
+            threads={loop.name: loop.health() for loop in self._loops()},
+            unrecorded=tuple(engine.unrecorded) if engine else (),
+            unschedulable=engine.unschedulable if engine else {},
+            stuck=tuple(engine.pool.stuck()) if engine else (),
+        )
 
     def is_elected(self) -> bool:
         """Whether this replica owns its partition(s) and is triggering."""
@@ -414,6 +431,24 @@ class Cron:
         self._check_open()
         self._store.delete(name)
 
+    def pause(self, name: str) -> None:
+        """Pause the job ``name`` on every replica, across restarts: it keeps its counter and
+        fires nothing until :meth:`resume`. A trigger in flight finishes and is recorded.
+
+        :raises JobNotFoundError: (a ``LookupError``) if there is no such job.
+        """
+        self._check_open()
+        self._store.pause(name)
+
+    def resume(self, name: str) -> None:
+        """Resume the job ``name``. Ticks that came due while it was paused are skipped, never
+        caught up (a one-shot whose time passed meanwhile is finished and deleted).
+
+        :raises JobNotFoundError: (a ``LookupError``) if there is no such job.
+        """
+        self._check_open()
+        self._store.resume(name)
+
     def delete_prefixes(self, *prefixes: str) -> None:
         """Delete every job whose name starts with one of ``prefixes``, in one transaction."""
         self._check_open()
@@ -434,6 +469,28 @@ class Cron:
         if not prefixes:
             raise ValidationError("deliverable_prefixes needs at least one prefix")
         return self._staging.register(tuple(validate_prefix(p) for p in prefixes))
+
+    def status(self, name: str) -> JobStatus | None:
+        """Where the job ``name`` stands: its count, last and next trigger, owner; or ``None``.
+
+        Read from etcd with the engine's own rules, so it needs no :meth:`start`. ``staged`` is
+        known only on the replica that owns the job (``None`` elsewhere).
+
+        :raises EtcdCronError: if its stored record cannot be read.
+        """
+        self._check_open()
+        return job_status(self._client, self._keys, name, LocalView.of(self._elector,
+                                                                       self._staging))
+
+    def statuses(self, prefix: str = "") -> Iterator[JobStatus]:
+        """The status of every job whose name starts with ``prefix``, in name order.
+
+        An iterator that reads etcd page by page at one revision, so it suits namespaces of any
+        size; a job whose record cannot be read is logged and left out.
+        """
+        self._check_open()
+        return job_statuses(self._client, self._keys, prefix,
+                            LocalView.of(self._elector, self._staging), logger=self._log)
 
     def __repr__(self) -> str:
         return (f"<Cron namespace={self._keys.namespace!r} replica_id={self.replica_id!r} "

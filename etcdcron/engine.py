@@ -13,6 +13,20 @@ starts from its true counter.
 Every counter write is a nested transaction inside one outer transaction per batch: the outer
 compares this session's leadership fence, each inner one compares the job's and the counter's
 mod revisions (so a stale owner, an old version or a concurrent writer changes nothing).
+
+Handing over: when a session ends while triggers still run (longer than the drain limit), this
+replica writes ``NS/inflight/NAME`` for each, bound to its lease and fenced by the session, and
+records their results later under that key instead of the session. The next owner of such a
+job loads it in HANDOFF and triggers nothing until the key is gone; then it reads the counter
+again and goes on from there. So a long trigger is never fired twice by a rebalance, and a
+rebalance never waits for it; only a replica that dies (its lease runs out) leaves its ticks to
+be fired again.
+
+Isolation by job: loading, triggering, planning and recording run per job inside their own
+``try``, so a record that cannot be scheduled, a trigger that raises anything, or a result
+etcd refuses affects that job alone. A refused result stays in flight and is written again
+with capped backoff until it succeeds, the job changes, or the session ends
+(:attr:`Engine.unrecorded` lists those jobs).
 """
 
 from __future__ import annotations
@@ -22,29 +36,47 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from etcd3.etcdrpc import kv_pb2
+from etcd3.etcdrpc import rpc_pb2 as rpc
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from etcdcron._etcd import EtcdClient, Stopped, cmp_mod, op_delete, op_put, op_range, op_txn
+from etcdcron._etcd import (
+    Backoff,
+    EtcdClient,
+    Stopped,
+    cmp_mod,
+    op_delete,
+    op_put,
+    op_range,
+    op_txn,
+)
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.api import TriggerResult
 from etcdcron.errors import EtcdError, EtcdUnavailableError
-from etcdcron.index import JobIndex, JobState, Ownership, Phase, counter_of, decode_counter
+from etcdcron.index import IN_FLIGHT, JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
-from etcdcron.recorder import Outcome, Recorder
+from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
-from etcdcron.ticks import Pending, after_result, pending
+from etcdcron.schedule import parse_duration
+from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
 
 __all__ = ["Engine"]
 
 log = logging.getLogger(__name__)
+
+#: Longest wait before a refused result is written again.
+REFUSED_RETRY_CAP = 10.0
+#: How long the end of a session may spend writing the NS/inflight/ keys of running triggers.
+HAND_OVER_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -55,6 +87,24 @@ class _Plan:
     counter: stored_pb2.Counter
     next: Pending | None
     op: object
+    mod_revision: int  #: the job's revision the plan compares
+
+
+@dataclass(slots=True)
+class _Handed:
+    """A trigger still running when its session ended; ``claimed`` once its NS/inflight/ key
+    is written (until then its result waits)."""
+
+    state: JobState
+    ownership: Ownership
+    claimed: bool = False
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.1, cap=REFUSED_RETRY_CAP))
+
+
+def _cmp_lease(key: bytes, lease_id: int) -> rpc.Compare:
+    """Whether ``key`` exists bound to ``lease_id``."""
+    return rpc.Compare(key=key, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL,
+                       lease=lease_id)
 
 
 class Engine:
@@ -69,8 +119,9 @@ class Engine:
     def __init__(self, *, client: EtcdClient, keys: Keys, trigger: Callable, workers: int,
                  lease_valid: Callable[[int], bool], emit: Callable | None, staging: Staging,
                  stop: threading.Event, clock: Callable[[], float] = time.time,
-                 logger: logging.Logger | None = None):
+                 trigger_timeout: float | None = None, logger: logging.Logger | None = None):
         self._log = logger or log
+        self._trigger_timeout = trigger_timeout
         self._client = client
         self._keys = keys
         self._trigger = trigger
@@ -81,15 +132,43 @@ class Engine:
         self.index = JobIndex(self._log)
         # Notified (under the index lock) whenever a job leaves RUNNING.
         self._drained = threading.Condition(self.index.lock)
+        # Jobs whose result etcd refused, by name: (token, backoff, last error). Guarded by
+        # the index lock; written by the recorder thread.
+        self._refused: dict[str, tuple[int, Backoff, str]] = {}
+        # Versions that could not be scheduled, by name: (mod revision, why). Index lock.
+        self._unschedulable: dict[str, tuple[int, str]] = {}
+        # The NS/inflight/ keys of the namespace: name -> partition id of the version whose
+        # trigger runs elsewhere. Index lock; kept by the informer.
+        self._claims: dict[str, int] = {}
+        # Triggers of ended sessions still running here, handed over under NS/inflight/NAME:
+        # name -> _Handed. Index lock.
+        self._handed: dict[str, _Handed] = {}
         self.staging = staging
-        self.timer = Timer(self._dispatch, clock, self._log)
+        self.timer = Timer(self._dispatch, clock, self._log, on_expired=self._expire)
         self.pool = WorkerPool(workers, self._run, self._log)
         self.recorder = Recorder(self._commit, self._log)
         self.informer = Informer(client, keys, self, stop, self._log)
 
     @property
+    def loops(self) -> list:
+        """The supervised loops of the engine's threads."""
+        return [self.informer.loop, self.timer.loop, self.recorder.loop, *self.pool.loops]
+
+    @property
     def threads(self) -> list[threading.Thread]:
-        return [self.informer.thread, self.timer.thread, self.recorder.thread, *self.pool.threads]
+        return [loop.thread for loop in self.loops]
+
+    @property
+    def unrecorded(self) -> list[str]:
+        """Jobs whose trigger result etcd has refused so far (it is being retried)."""
+        with self.index.lock:
+            return sorted(self._refused)
+
+    @property
+    def unschedulable(self) -> dict[str, str]:
+        """Owned job versions that cannot be scheduled, with the reason (they are skipped)."""
+        with self.index.lock:
+            return {name: why for name, (_, why) in sorted(self._unschedulable.items())}
 
     def start(self) -> None:
         self.informer.start()
@@ -112,36 +191,113 @@ class Engine:
         self.informer.activate(ownership)
 
     def deactivate(self, timeout: float) -> bool:
-        """Stop triggering, wait up to ``timeout`` for results in flight, drop every job.
+        """Stop triggering, wait up to ``timeout`` for results in flight, hand over the triggers
+        still running, drop every job.
+
+        Results that etcd refused are not waited for: they would not be written in time.
 
         :returns: whether every result in flight was recorded in time.
         """
         with self.index.lock:
-            if self.index.ownership is None:
+            ownership = self.index.ownership
+            if ownership is None:
                 return True
             self.index.set_ownership_locked(None)
         self.informer.deactivate()
         self.timer.clear()
         self.staging.clear()
         with self._drained:
-            drained = self._drained.wait_for(lambda: self.index.running == 0, timeout)
-            if not drained:
-                self._log.warning("%d triggers still running after %.1fs; their results will be "
-                                  "ignored", self.index.running, timeout)
+            drained = self._drained.wait_for(
+                lambda: self.index.running <= len(self._refused), timeout)
+            running = self.index.running_locked()
+            for state in running:
+                self._handed[state.name] = _Handed(state, ownership)
+            self.timer.arm_deadlines([(state.deadline, ("handed", state.name),
+                                       (state.token, state.run))
+                                      for state in running if state.deadline])
             self.index.clear_locked()
+            self._refused.clear()
+            self._unschedulable.clear()
+            self._claims.clear()
+        if running:
+            self._hand_over(ownership, running)
         self._send(api_pb2.InformerEvent(drop_all=api_pb2.InformerEventDropAll()))
         return drained
 
+    def _hand_over(self, ownership: Ownership, states: list[JobState]) -> None:
+        """Write NS/inflight/NAME for triggers still running at the end of ``ownership``'s
+        session, fenced by it (election thread). Those not written are dropped: their next
+        owner fires the tick again."""
+        claimed = set()
+        for start in range(0, len(states), MAX_BATCH):
+            batch = states[start:start + MAX_BATCH]
+            ops = [op_txn([cmp_mod(self._keys.job(state.name), state.mod_revision)],
+                          [op_put(self._keys.in_flight(state.name), stored_pb2.InFlight(
+                              job_partition_id=state.record.partition_id,
+                              tick=to_timestamp(state.next.tick)).SerializeToString(),
+                              lease=ownership.lease_id)])
+                   for state in batch]
+            try:
+                if not ownership.lease_id:
+                    raise EtcdError("the session's lease is not known")
+                response = self._client.txn(
+                    [cmp_mod(ownership.fence_key, ownership.fence_revision)], ops,
+                    deadline=time.monotonic() + HAND_OVER_TIMEOUT, stop=self._stop)
+            except (EtcdError, Stopped) as exc:
+                self._log.warning("could not hand over %d triggers still running (%s); their "
+                                  "next owners will fire them again", len(batch), exc)
+                continue
+            if response.succeeded:
+                claimed.update(state.name for state, reply in zip(batch, response.responses)
+                               if reply.response_txn.succeeded)
+        with self.index.lock:
+            for state in states:
+                handed = self._handed.get(state.name)
+                if handed is None or handed.state is not state:
+                    continue
+                if state.name in claimed:
+                    handed.claimed = True
+                else:
+                    del self._handed[state.name]
+        if claimed:
+            self._log.info("%d trigger(s) still running were handed over; their results will be "
+                           "recorded when they finish: %s", len(claimed), ", ".join(sorted(claimed)))
+
+    def wait_handed_over(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the results of handed-over triggers (on stop)."""
+        with self._drained:
+            return self._drained.wait_for(lambda: not self._handed, timeout)
+
+    @property
+    def handed_over(self) -> list[str]:
+        """Jobs whose trigger runs on here after this replica's session ended."""
+        with self.index.lock:
+            return sorted(self._handed)
+
     # -- informer thread -------------------------------------------------------------------------
 
-    def load(self, ownership: Ownership, jobs: list, counters: dict, revision: int) -> None:
-        """Take a full listing at ``revision``: load owned jobs, forget the ones not listed."""
+    def _decode(self, kv, ownership: Ownership) -> tuple[str, stored_pb2.Job] | None:
+        """The name and record of a job key, if it is one of this namespace's jobs and owned."""
+        name = self._keys.job_name(kv.key)
+        if name is None:
+            return None
+        record = decode_job_or_none(kv.value, name, kv.mod_revision, self._keys)
+        if record is None or not ownership.owns(record.partition_id):
+            return None
+        return name, record
+
+    def load(self, ownership: Ownership, jobs: list, counters: dict, claims: list,
+             revision: int) -> None:
+        """Take a full listing at ``revision``: load owned jobs, forget the ones not listed.
+
+        ``claims`` are the ``NS/inflight/`` keys at that revision."""
         owned = []  # decoded before taking the lock: the timer and workers wait on it
+        claimed = dict(filter(None, (self._decode_claim(kv) for kv in claims)))
         for kv in jobs:
-            name = self._keys.job_name(kv.key)
-            record = decode_job_or_none(kv.value, name, self._log)
-            if record is None or not ownership.owns(record.partition_id):
+            decoded = self._decode(kv, ownership)
+            if decoded is None:
                 continue
+            name, record = decoded
             counter_kv = counters.get(name)
             counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
             owned.append((name, record, kv.mod_revision, counter,
@@ -152,13 +308,13 @@ class Engine:
             if self.index.ownership is not ownership:
                 return
             self.index.caught_up_locked(revision)
+            self._claims = claimed
             for entry in owned:
-                state = self.index.put_locked(*entry)
-                if state is not None:
-                    self._loaded_locked(state, ownership, arms)
+                self._put_locked(entry, ownership, arms)
             for name in self.index.names_locked():
                 if name not in listed:
                     self._forget_locked(name)
+            self._drained.notify_all()
         self.timer.arm_many(arms)
         self._log.debug("loaded %d owned jobs at revision %d", len(listed), revision)
 
@@ -168,50 +324,132 @@ class Engine:
             if self.index.ownership is not ownership:
                 return
             for event in events:
-                name = self._keys.job_name(event.kv.key)
-                if event.type == kv_pb2.Event.DELETE:
+                kv = event.kv
+                if kv.key.startswith(self._keys.inflight):
+                    self._claim_event_locked(event, ownership)
+                    continue
+                if not kv.key.startswith(self._keys.jobs):
+                    continue  # a nested namespace's key inside the watched range
+                name = self._keys.job_name(kv.key)
+                if name is None:
+                    continue
+                decoded = None if event.type == kv_pb2.Event.DELETE else self._decode(kv, ownership)
+                if decoded is None:
                     self._forget_locked(name)
                     continue
-                record = decode_job_or_none(event.kv.value, name, self._log)
-                if record is None or not ownership.owns(record.partition_id):
-                    self._forget_locked(name)
-                    continue
-                state = self.index.put_locked(name, record, event.kv.mod_revision, None, 0)
-                if state is not None:
-                    self._loaded_locked(state, ownership, arms)
+                self._put_locked((name, decoded[1], kv.mod_revision, None, 0), ownership, arms)
             self.index.caught_up_locked(events[-1].kv.mod_revision)
+            self._drained.notify_all()
         self.timer.arm_many(arms)
+
+    def _decode_claim(self, kv) -> tuple[str, int] | None:
+        """``(name, claimed partition id)`` of an ``NS/inflight/NAME`` key, if it is ours."""
+        name = self._keys.in_flight_name(kv.key)
+        if name is None:
+            return None
+        claim = stored_pb2.InFlight()
+        try:
+            claim.ParseFromString(kv.value)
+        except DecodeError:
+            self._keys.skip_once(kv.key, "in-flight key %r cannot be decoded; ignoring it",
+                                 kv.key)
+            return None
+        return name, claim.job_partition_id
+
+    def _claim_event_locked(self, event, ownership: Ownership) -> None:
+        """Another replica's trigger of a job started (put) or ended (delete) running."""
+        if event.type == kv_pb2.Event.DELETE:
+            name = self._keys.in_flight_name(event.kv.key)
+            if name is None or self._claims.pop(name, None) is None:
+                return
+            state = self.index.get_locked(name)
+            if state is not None and state.phase is Phase.HANDOFF:
+                # Its result is recorded (or its replica is gone): read the counter, then arm.
+                self.recorder.put(Outcome(name, state.token, ownership, refresh=True))
+            return
+        decoded = self._decode_claim(event.kv)
+        if decoded is None:
+            return
+        name, partition_id = decoded
+        self._claims[name] = partition_id
+        state = self.index.get_locked(name)
+        if (state is not None and state.phase is Phase.ARMED
+                and state.record.partition_id == partition_id):
+            self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(name)
+
+    def _put_locked(self, entry: tuple, ownership: Ownership, arms: list) -> None:
+        """Load one job version; one that cannot be scheduled is logged once and skipped."""
+        name, mod_revision = entry[0], entry[2]
+        try:
+            state = self.index.put_locked(*entry)
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
+            self._forget_locked(name)
+            self._unschedulable[name] = (mod_revision, str(exc) or type(exc).__name__)
+            self._keys.skip_once((name, mod_revision), "skipping job %r (revision %d): it "
+                                 "cannot be scheduled: %s", name, mod_revision,
+                                 self._unschedulable[name][1])
+            return
+        self._unschedulable.pop(name, None)
+        if state is None:
+            return
+        if state.phase in IN_FLIGHT:  # the same version rewritten while a delivery is out
+            self._emit_put(state)
+        else:
+            self._loaded_locked(state, ownership, arms)
 
     def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
         self.staging.discard(state.name)
-        if self._emit is not None:
-            put = api_pb2.InformerEventJobPut(name=state.name, mod_revision=state.mod_revision)
-            if state.request.HasField("metadata"):
-                put.metadata.CopyFrom(state.request.metadata)
-            if state.request.HasField("payload"):
-                put.payload.CopyFrom(state.request.payload)
-            self._emit(api_pb2.InformerEvent(put=put))
+        self._refused.pop(state.name, None)
+        self._emit_put(state)
         self._arm_locked(state, ownership, arms)
 
+    def _emit_put(self, state: JobState) -> None:
+        if self._emit is not None:
+            job = state.record.job
+            put = api_pb2.InformerEventJobPut(name=state.name, mod_revision=state.mod_revision)
+            if job.HasField("metadata"):
+                put.metadata.CopyFrom(job.metadata)
+            if job.HasField("payload"):
+                put.payload.CopyFrom(job.payload)
+            self._emit(api_pb2.InformerEvent(put=put))
+
     def _forget_locked(self, name: str, token: int | None = None) -> None:
+        self._unschedulable.pop(name, None)
         state = self.index.remove_locked(name, token)
         if state is None:
             return
+        self._refused.pop(name, None)
+        self.timer.discard(name)
         self._drained.notify_all()
         self.staging.discard(name)
         self._send(api_pb2.InformerEvent(delete=api_pb2.InformerEventJobDelete(
             name=name, mod_revision=state.mod_revision)))
+
+    def _idle_locked(self, state: JobState) -> None:
+        """Leave ``state`` waiting for the informer: nothing triggers or records it any more."""
+        self.index.set_phase_locked(state, Phase.IDLE)
+        self._refused.pop(state.name, None)
+        self._drained.notify_all()
 
     def _send(self, event: api_pb2.InformerEvent) -> None:
         if self._emit is not None:
             self._emit(event)
 
     def _arm_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
-        """Put ``state`` where its ``next`` says: the timer, or the recorder to be deleted."""
+        """Put ``state`` where its ``next`` says: the timer, or the recorder to be deleted; or
+        in HANDOFF while another replica's trigger of it still runs."""
         if self.index.ownership is not ownership:
             self.index.set_phase_locked(state, Phase.IDLE)
+        elif self._claims.get(state.name) == state.record.partition_id:
+            self.index.set_phase_locked(state, Phase.HANDOFF)
+            self.timer.discard(state.name)
+        elif state.record.paused:
+            self.index.set_phase_locked(state, Phase.PAUSED)
+            self.timer.discard(state.name)
         elif state.next is None:
             self.index.set_phase_locked(state, Phase.RUNNING)
+            self.timer.discard(state.name)
             self.recorder.put(Outcome(state.name, state.token, ownership))
         else:
             self.index.set_phase_locked(state, Phase.ARMED)
@@ -221,115 +459,287 @@ class Engine:
 
     def _dispatch(self, entries: list[tuple[str, int]]) -> None:
         now = self._clock()
-        ready = []
+        ready, early, deadlines = [], [], []
         with self.index.lock:
             if self.index.ownership is None:
                 return
             for name, token in entries:
                 state = self.index.get_locked(name, token)
-                if (state is None or state.phase is not Phase.ARMED
-                        or state.next.due.timestamp() > now):
+                if state is None or state.phase is not Phase.ARMED:
                     continue
-                self.index.set_phase_locked(state, Phase.RUNNING)
-                ready.append((name, token))
+                due = state.next.due.timestamp()
+                if due > now:  # the wall clock stepped back since the timer looked
+                    early.append((due, name, token))
+                    continue
+                ready.append(self._start_run_locked(state, deadlines))
+        self.timer.arm_many(early)
+        self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
+
+    def _start_run_locked(self, state: JobState, deadlines: list) -> tuple[str, int, int]:
+        """Hand ``state``'s next delivery to a worker: RUNNING, a new run, and its deadline (to
+        be armed by the caller once the lock is released)."""
+        self.index.set_phase_locked(state, Phase.RUNNING)
+        state.run += 1
+        timeout = self._timeout_of(state.record)
+        if timeout is not None:
+            state.deadline = self._clock() + timeout
+            deadlines.append((state.deadline, state.name, (state.token, state.run)))
+        return state.name, state.token, state.run
+
+    def _timeout_of(self, record: stored_pb2.Job) -> float | None:
+        """The job's own ``trigger_timeout``, else the Cron's (``None``: no limit)."""
+        if record.job.HasField("trigger_timeout"):
+            try:
+                return parse_duration(record.job.trigger_timeout).total_seconds()
+            except ValueError:
+                pass  # validation refuses it; a foreign record's is ignored
+        return self._trigger_timeout
+
+    def _expire(self, entries: list[tuple]) -> None:
+        """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
+        result that still comes is ignored."""
+        outcomes, items = [], []
+        with self.index.lock:
+            for key, (token, run) in entries:
+                if isinstance(key, tuple):  # ("handed", name): handed over, still running here
+                    name = key[1]
+                    entry = self._handed.get(name)
+                    if entry is None or entry.state.token != token or entry.state.run != run:
+                        continue
+                    state, ownership = entry.state, entry.ownership
+                else:
+                    name, ownership = key, self.index.ownership
+                    state = self.index.get_locked(name, token)
+                    if (state is None or ownership is None or state.phase is not Phase.RUNNING
+                            or state.run != run):
+                        continue
+                self._log.warning("job %r: its trigger did not finish within %gs; counting it "
+                                  "as FAILED", name, self._timeout_of(state.record) or 0)
+                state.run += 1  # the trigger's own result, if it ever comes, is for no run
+                outcomes.append(Outcome(name, token, ownership, state.next.tick,
+                                        TriggerResult.FAILED, run=state.run))
+                items.append((name, token, run))
+        for outcome in outcomes:
+            self.recorder.put(outcome)
+        for item in items:
+            self.pool.expired(item)
 
     # -- worker threads --------------------------------------------------------------------------
 
-    def _run(self, name: str, token: int) -> None:
+    def _run(self, name: str, token: int, run: int) -> None:
+        try:
+            self._trigger_one(name, token, run)
+        except BaseException as exc:  # noqa: BLE001 - never leave a job RUNNING for nothing
+            self._log.error("job %r: triggering it failed; counting it as FAILED", name,
+                            exc_info=exc)
+            with self.index.lock:
+                state = self.index.get_locked(name, token)
+                ownership = self.index.ownership
+                if (state is None or state.phase is not Phase.RUNNING or state.next is None
+                        or state.run != run):
+                    return
+                if ownership is None:
+                    self._idle_locked(state)
+                    return
+                tick = state.next.tick
+            self.recorder.put(Outcome(name, token, ownership, tick, TriggerResult.FAILED,
+                                      run=run))
+
+    def _trigger_one(self, name: str, token: int, run: int) -> None:
         with self.index.lock:
             state = self.index.get_locked(name, token)
-            if state is None or state.phase is not Phase.RUNNING or state.next is None:
+            if (state is None or state.phase is not Phase.RUNNING or state.next is None
+                    or state.run != run):
                 return
             ownership = self.index.ownership
             if ownership is None or not self._lease_valid(ownership.lease_generation):
-                self.index.set_phase_locked(state, Phase.IDLE)
-                self._drained.notify_all()
+                self._idle_locked(state)
                 return
-            request, tick = state.request, state.next.tick
+            record, schedule, delivery = state.record, state.schedule, state.next
+            job, tick = record.job, delivery.tick
+        skip = catch_up(record, schedule, delivery,
+                        datetime.fromtimestamp(self._clock(), timezone.utc))
+        if skip is not None:  # the job's catch-up policy says: not this one
+            self._log.debug("job %r: skipping %d tick(s) up to %s (catch-up policy)", name,
+                            skip[1], skip[0].isoformat())
+            self.recorder.put(Outcome(name, token, ownership, tick, run=run, skip=skip))
+            return
+        # A request of its own for every trigger: one that the trigger changes is not handed
+        # to the next tick.
+        request = api_pb2.TriggerRequest(name=name)
+        if job.HasField("metadata"):
+            request.metadata.CopyFrom(job.metadata)
+        if job.HasField("payload"):
+            request.payload.CopyFrom(job.payload)
         try:
             value = self._trigger(request)
-        except Exception:
-            self._log.exception("trigger for job %r raised; counting it as FAILED", name)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit or a gevent Timeout too
+            self._log.error("trigger for job %r raised; counting it as FAILED", name,
+                            exc_info=exc)
             value = TriggerResult.FAILED
         if isinstance(value, Future):
             value.add_done_callback(
-                lambda future: self._finish(name, token, tick, ownership,
+                lambda future: self._finish(name, token, run, tick, ownership,
                                             self._future_value(name, future))
             )
         else:
-            self._finish(name, token, tick, ownership, value)
+            self._finish(name, token, run, tick, ownership, value)
 
-    def _finish(self, name: str, token: int, tick, ownership: Ownership, value: object) -> None:
+    def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
+                value: object) -> None:
+        """Hand a trigger's result on (a worker thread, or the thread that resolved its Future)."""
         try:
             result = to_result(value)
-        except TypeError as exc:
+        except Exception as exc:  # noqa: BLE001 - TypeError, or a value that fails to compare
             self._log.error("job %r: %s; counting it as FAILED", name, exc)
             result = TriggerResult.FAILED
         if result is not TriggerResult.UNDELIVERABLE:
-            self.recorder.put(Outcome(name, token, ownership, tick, result))
+            self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
             return
+        deadlines: list = []
         with self.index.lock:
             state = self.index.get_locked(name, token)
-            if state is None or state.phase is not Phase.RUNNING:
+            if state is None or state.phase is not Phase.RUNNING or state.run != run:
+                handed = self._handed.get(name)
+                if handed is not None and handed.state.token == token:
+                    # Handed over: nothing to stage here; let its next owner deliver it.
+                    self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
                 return
             if self.staging.park(name, token):
                 self.index.set_phase_locked(state, Phase.STAGED)
                 self._drained.notify_all()
                 return
-        self.pool.submit([(name, token)])
+            item = self._start_run_locked(state, deadlines)  # deliverable already: again
+        self.timer.arm_deadlines(deadlines)
+        self.pool.submit([item])
 
     # -- deliverable prefixes (user's thread) ----------------------------------------------------
 
     def release(self, entries: list[tuple[str, int]]) -> None:
-        ready = []
+        ready, deadlines = [], []
         with self.index.lock:
             for name, token in entries:
                 state = self.index.get_locked(name, token)
                 if state is not None and state.phase is Phase.STAGED:
-                    self.index.set_phase_locked(state, Phase.RUNNING)
-                    ready.append((name, token))
+                    ready.append(self._start_run_locked(state, deadlines))
+        self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
 
     # -- recorder thread -------------------------------------------------------------------------
 
     def _commit(self, batch: list[Outcome]) -> None:
         groups: dict[Ownership, list[Outcome]] = {}
-        for outcome in batch:
-            groups.setdefault(outcome.ownership, []).append(outcome)
+        handed = []
+        with self.index.lock:
+            for outcome in batch:
+                entry = self._handed.get(outcome.name)
+                if entry is not None and entry.state.token == outcome.token:
+                    if outcome.run in (None, entry.state.run):
+                        handed.append((outcome, entry))
+                    continue  # otherwise: a late result of a handed trigger that timed out
+                groups.setdefault(outcome.ownership, []).append(outcome)
+        for outcome, entry in handed:
+            self._record_handed(outcome, entry)
         for ownership, outcomes in groups.items():
             plans = self._plan(outcomes)
-            if plans:
+            if not plans:
+                continue
+            try:
                 self._write(ownership, plans)
+            except Exception as exc:  # noqa: BLE001 - never strand a batch of jobs RUNNING
+                self._log.error("recording %d results failed", len(plans), exc_info=exc)
+                self._refuse(plans, exc)
+
+    @staticmethod
+    def _in_flight(state: JobState | None, outcome: Outcome) -> bool:
+        """Whether ``outcome`` is still to be recorded for ``state``."""
+        if state is None or (outcome.run is not None and outcome.run != state.run):
+            return False
+        return state.phase is (Phase.HANDOFF if outcome.refresh else Phase.RUNNING)
 
     def _plan(self, outcomes: list[Outcome]) -> list[_Plan]:
         with self.index.lock:
-            running = [(outcome, state) for outcome in outcomes
-                       if (state := self.index.get_locked(outcome.name, outcome.token)) is not None
-                       and state.phase is Phase.RUNNING]
-        # The schedule math runs without the lock: a state's counter and counter revision change
-        # only on this thread, and _apply checks the token again.
+            # What the informer may change (a pause rewrites the record) is taken under the
+            # lock; a state's counter and counter revision change only on this thread.
+            running = [(outcome, state, (state.record, state.mod_revision, state.schedule))
+                       for outcome in outcomes
+                       if self._in_flight(state := self.index.get_locked(outcome.name,
+                                                                         outcome.token), outcome)]
+        # The schedule math runs without the lock; _apply checks the token again.
         plans = []
-        for outcome, state in running:
-            if outcome.result is None:
-                counter, nxt = state.counter, None
-            else:
-                counter = after_result(state.record, state.counter, outcome.tick, outcome.result)
-                nxt = pending(state.record, counter, state.schedule)
-            job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-            if nxt is None:
-                success = [op_delete(job_key), op_delete(counter_key)]
-            else:
-                success = [op_put(counter_key, counter.SerializeToString())]
-            op = op_txn([cmp_mod(job_key, state.mod_revision),
-                         cmp_mod(counter_key, state.counter_revision)],
-                        success, [op_range(job_key), op_range(counter_key)])
-            plans.append(_Plan(outcome, counter, nxt, op))
+        for outcome, state, version in running:
+            try:
+                plans.append(self._plan_one(outcome, state, *version))
+            except Exception as exc:  # noqa: BLE001 - one job's outcome must not touch another's
+                self._log.error("job %r: its next tick cannot be computed (%s); it stops here on "
+                                "this replica until it is changed", state.name, exc,
+                                exc_info=exc)
+                with self.index.lock:
+                    if self.index.get_locked(state.name, state.token) is state:
+                        self._idle_locked(state)
+                        self._unschedulable[state.name] = (state.mod_revision, str(exc))
         return plans
+
+    def _plan_one(self, outcome: Outcome, state: JobState, record: stored_pb2.Job,
+                  mod_revision: int, schedule) -> _Plan:
+        job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
+        compare = [cmp_mod(job_key, mod_revision), cmp_mod(counter_key, state.counter_revision)]
+        read = [op_range(job_key), op_range(counter_key)]
+        if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
+            return _Plan(outcome, state.counter, state.next, op_txn(compare, [], read),
+                         mod_revision)
+        if outcome.skip is not None:
+            counter = after_skip(record, state.counter, *outcome.skip)
+            nxt = pending(record, counter, schedule)
+        elif outcome.result is None:
+            counter, nxt = state.counter, None
+        else:
+            counter = after_result(record, state.counter, outcome.tick, outcome.result, schedule)
+            nxt = pending(record, counter, schedule)
+        if nxt is None:
+            success = [op_delete(job_key), op_delete(counter_key)]
+        else:
+            success = [op_put(counter_key, counter.SerializeToString())]
+        return _Plan(outcome, counter, nxt, op_txn(compare, success, read), mod_revision)
+
+    def _record_handed(self, outcome: Outcome, entry: _Handed) -> None:
+        """Record the result of a handed-over trigger under its NS/inflight/ key, and release
+        the key; a key that is gone (this replica's lease ran out) means the job moved on."""
+        state, ownership = entry.state, entry.ownership
+        if not entry.claimed:  # its key is being written: try again in a moment
+            self.recorder.retry_later(outcome, 0.05)
+            return
+        claim_key = self._keys.in_flight(state.name)
+        ops = []
+        if outcome.result is not TriggerResult.UNDELIVERABLE:
+            try:
+                ops.append(self._plan_one(outcome, state, state.record, state.mod_revision,
+                                          state.schedule).op)
+            except Exception as exc:  # noqa: BLE001 - release the key, change nothing else
+                self._log.error("job %r: its next tick cannot be computed (%s)", state.name, exc)
+        try:
+            response = self._client.txn([_cmp_lease(claim_key, ownership.lease_id)],
+                                        [*ops, op_delete(claim_key)], [], stop=self._stop)
+        except Stopped:
+            return
+        except EtcdError as exc:
+            self._log.warning("job %r: recording its handed-over result: %s; retrying",
+                              state.name, exc)
+            self.recorder.retry_later(outcome, entry.backoff.next_delay())
+            return
+        if not response.succeeded:
+            self._log.warning("job %r: its in-flight key is gone (this replica's lease ran out); "
+                              "its result is dropped and its next owner fires it again",
+                              state.name)
+        with self.index.lock:
+            if self._handed.get(state.name) is entry:
+                del self._handed[state.name]
+                self._drained.notify_all()
 
     def _write(self, ownership: Ownership, plans: list[_Plan]) -> None:
         """Commit ``plans`` in one transaction fenced by ``ownership``; split it if etcd finds it
-        too big; give up only once the session is over."""
+        too big; retry later what etcd refuses; give up only once the session is over."""
         fence = [cmp_mod(ownership.fence_key, ownership.fence_revision)]
         while True:
             try:
@@ -343,12 +753,15 @@ class Engine:
                 self._abandon(plans, f"etcd unavailable ({exc}) after the session ended")
                 return
             except EtcdError as exc:
-                if exc.code == grpc.StatusCode.INVALID_ARGUMENT and len(plans) > 1:
+                # Too large: past etcd's limit (INVALID_ARGUMENT), or past its gRPC one, 512 KiB
+                # higher (RESOURCE_EXHAUSTED). One job's own transaction always fits.
+                if exc.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED) and len(plans) > 1:
                     half = len(plans) // 2
                     self._write(ownership, plans[:half])
                     self._write(ownership, plans[half:])
                     return
-                self._abandon(plans, str(exc))
+                self._refuse(plans, exc)
                 return
             except Stopped:
                 self._abandon(plans, "stopping")
@@ -358,14 +771,34 @@ class Engine:
             return
         self._apply(ownership, plans, response)
 
+    def _refuse(self, plans: list[_Plan], exc: Exception) -> None:
+        """etcd refused these results (NOSPACE, a request too large, a permission): keep the
+        jobs in flight and write them again after a capped backoff."""
+        why = str(exc) or type(exc).__name__
+        with self.index.lock:
+            for plan in plans:
+                name, token = plan.outcome.name, plan.outcome.token
+                state = self.index.get_locked(name, token)
+                if not self._in_flight(state, plan.outcome):
+                    continue
+                previous = self._refused.get(name)
+                backoff = (previous[1] if previous and previous[0] == token
+                           else Backoff(base=0.1, cap=REFUSED_RETRY_CAP))
+                if previous is None or previous[0] != token:
+                    self._log.error("job %r: etcd refused to record its result (%s); retrying "
+                                    "until it succeeds, the job changes or the session ends",
+                                    name, why)
+                self._refused[name] = (token, backoff, why)
+                self.recorder.retry_later(plan.outcome, backoff.next_delay())
+            self._drained.notify_all()
+
     def _abandon(self, plans: list[_Plan], why: str) -> None:
         self._log.warning("not recording %d trigger results: %s", len(plans), why)
         with self.index.lock:
             for plan in plans:
                 state = self.index.get_locked(plan.outcome.name, plan.outcome.token)
-                if state is not None and state.phase is Phase.RUNNING:
-                    self.index.set_phase_locked(state, Phase.IDLE)
-            self._drained.notify_all()
+                if self._in_flight(state, plan.outcome):
+                    self._idle_locked(state)
 
     def _apply(self, ownership: Ownership, plans: list[_Plan], response) -> None:
         arms: list = []
@@ -375,7 +808,16 @@ class Engine:
                 state = self.index.get_locked(name, token)
                 if state is None:
                     continue
+                if self._refused.get(name, (None,))[0] == token:
+                    del self._refused[name]
+                    self._log.info("job %r: its result was recorded after all", name)
                 inner = reply.response_txn
+                if plan.outcome.refresh:
+                    if not inner.succeeded and self._adopt_locked(state, inner) is None:
+                        self._idle_locked(state)
+                        continue
+                    self._arm_locked(state, ownership, arms)
+                    continue
                 if inner.succeeded and plan.next is None:
                     self._forget_locked(name, token)
                     self.index.mark_deleted_locked(name, response.header.revision)
@@ -383,29 +825,46 @@ class Engine:
                 if inner.succeeded:
                     state.counter, state.counter_revision = plan.counter, response.header.revision
                     state.next = plan.next
-                elif not self._adopt_locked(state, inner):
-                    self.index.set_phase_locked(state, Phase.IDLE)
+                    if plan.mod_revision != state.mod_revision:  # rewritten in place meanwhile
+                        state.next = pending(state.record, state.counter, state.schedule)
+                elif plan.mod_revision != state.mod_revision:
+                    # The job was rewritten in place (paused, resumed) as this was written:
+                    # the result still stands; write it again against the new revision.
+                    self.recorder.put(plan.outcome)
                     continue
+                else:
+                    adopted = self._adopt_locked(state, inner)
+                    if adopted is None:
+                        self._idle_locked(state)
+                        continue
+                    if not adopted:
+                        self.recorder.put(plan.outcome)  # write the same result again
+                        continue
                 self._arm_locked(state, ownership, arms)
             self._drained.notify_all()
         self.timer.arm_many(arms)
 
-    def _adopt_locked(self, state: JobState, inner) -> bool:
-        """After a failed compare: take the counter etcd holds if the job is unchanged.
+    def _adopt_locked(self, state: JobState, inner) -> bool | None:
+        """After a failed compare, see what etcd holds.
 
-        :returns: False when the job itself changed (the informer brings the new version).
+        :returns: ``None`` when the job itself changed (the informer brings the new version);
+            ``True`` when another writer moved this version's counter (take it over, and
+            trigger from there); ``False`` when the counter there is absent or left by another
+            version: this result still stands and is to be written again over it.
         """
         job_kvs = inner.responses[0].response_range.kvs
         counter_kvs = inner.responses[1].response_range.kvs
         if not job_kvs or job_kvs[0].mod_revision != state.mod_revision:
+            return None
+        stored = None
+        state.counter_revision = counter_kvs[0].mod_revision if counter_kvs else 0
+        if counter_kvs:
+            stored = decode_counter(counter_kvs[0].value, state.name, self._log)
+        if stored is None or stored.job_partition_id != state.record.partition_id:
             return False
         self._log.info("counter of job %r was changed by another writer; continuing from it",
                        state.name)
-        stored, state.counter_revision = None, 0
-        if counter_kvs:
-            stored = decode_counter(counter_kvs[0].value, state.name, self._log)
-            state.counter_revision = counter_kvs[0].mod_revision
-        state.counter = counter_of(state.record, stored)
+        state.counter = stored
         state.next = pending(state.record, state.counter, state.schedule)
         return True
 

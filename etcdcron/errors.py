@@ -10,6 +10,7 @@ __all__ = [
     "EtcdCronError",
     "ValidationError",
     "JobExistsError",
+    "JobNotFoundError",
     "EtcdError",
     "EtcdUnavailableError",
     "LifecycleError",
@@ -30,6 +31,14 @@ class JobExistsError(EtcdCronError):
 
     def __init__(self, name: str):
         super().__init__(f"job already exists: {name!r}")
+        self.name = name
+
+
+class JobNotFoundError(EtcdCronError, LookupError):
+    """:meth:`Cron.pause` or :meth:`Cron.resume` named a job that does not exist."""
+
+    def __init__(self, name: str):
+        super().__init__(f"no such job: {name!r}")
         self.name = name
 
 

@@ -24,6 +24,7 @@ from etcdcron.index import Ownership
 from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH
 from etcdcron.store import decode_job, list_jobs_and_counters
+from etcdcron.supervise import Loop
 
 __all__ = ["CounterCollector", "find_garbage"]
 
@@ -64,10 +65,12 @@ class CounterCollector:
         self._ownership: Ownership | None = None
         #: Counters deleted so far (for tests and curiosity).
         self.deleted = 0
-        self.thread = threading.Thread(target=self._run, name="etcdcron-gc", daemon=True)
+        self.loop = Loop("etcdcron-gc", self._run, stopping=stop.is_set, wait=stop.wait,
+                         logger=self._log)
+        self.thread = self.loop.thread
 
     def start(self) -> None:
-        self.thread.start()
+        self.loop.start()
 
     def activate(self, ownership: Ownership) -> None:
         with self._cond:
@@ -83,7 +86,7 @@ class CounterCollector:
         with self._cond:
             self._cond.notify_all()
 
-    def _run(self) -> None:
+    def _run(self, loop: Loop) -> None:
         while not self._stop.is_set():
             with self._cond:
                 self._cond.wait_for(lambda: self._ownership is not None or self._stop.is_set())
@@ -93,10 +96,12 @@ class CounterCollector:
                     continue
             try:
                 self.sweep()
+                loop.progress()
             except Stopped:
                 return
             except EtcdError as exc:
                 self._log.warning("counter garbage collection failed: %s", exc)
+                loop.failed(exc)
 
     def sweep(self) -> int:
         """Delete the garbage counters of the namespace; returns how many were deleted."""
@@ -104,11 +109,14 @@ class CounterCollector:
         _, job_kvs, counters = list_jobs_and_counters(self._client, self._keys, **kw)
         jobs = {}
         for kv in job_kvs:
+            name = self._keys.job_name(kv.key)
+            if name is None:
+                continue
             try:
                 partition_id = decode_job(kv.value).partition_id
             except DecodeError:
                 partition_id = None
-            jobs[self._keys.job_name(kv.key)] = (partition_id, kv.mod_revision)
+            jobs[name] = (partition_id, kv.mod_revision)
         garbage = find_garbage(jobs, list(counters.items()))
         deleted = 0
         for start in range(0, len(garbage), MAX_BATCH):

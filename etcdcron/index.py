@@ -12,6 +12,9 @@ Job phases (State Transitions)::
                                                   |  \\--(recorder: no next tick)--> removed
                                                   |   \\--(recorder: conflict)--> IDLE
                                                   \\--(UNDELIVERABLE)--> STAGED --(prefix)--> RUNNING
+    (informer put, NS/inflight/NAME held by another replica) --> HANDOFF
+        --(that key deleted: recorder re-reads the counter)--> RUNNING --> ARMED
+    (informer put of the same version, paused) --> PAUSED --(resumed)--> ARMED
     (informer delete) --> removed;  (informer put of a new version) --> replaced (new token)
 
 A job's ``token`` is unique per loaded version (and per session): a heap entry, a queued trigger
@@ -28,11 +31,12 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from etcdcron._pb import api_pb2, stored_pb2
+from etcdcron._pb import stored_pb2
 from etcdcron.schedule import Schedule, parse_schedule
-from etcdcron.ticks import Pending, pending
+from etcdcron.ticks import Pending, pending, to_datetime
 
-__all__ = ["Phase", "JobState", "JobIndex", "Ownership", "counter_of", "decode_counter"]
+__all__ = ["Phase", "IN_FLIGHT", "JobState", "JobIndex", "Ownership", "counter_of",
+           "decode_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,17 @@ class Phase(enum.Enum):
     RUNNING = "running"  #: handed to a worker; its result is not recorded yet
     STAGED = "staged"  #: undeliverable; parked until a deliverable prefix matches it
     IDLE = "idle"  #: waiting for the informer to replace or remove it
+    #: another replica's trigger of this version is still running (``NS/inflight/NAME``)
+    HANDOFF = "handoff"
+    PAUSED = "paused"  #: paused (``Cron.pause``): fires nothing until resumed
+
+
+#: Phases whose delivery is under way: its result (or its handoff) moves the job on.
+IN_FLIGHT = frozenset({Phase.RUNNING, Phase.HANDOFF})
+
+
+def _schedule_of(record: stored_pb2.Job) -> Schedule | None:
+    return parse_schedule(record.job.schedule) if record.job.HasField("schedule") else None
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,8 @@ class Ownership:
     :ivar lease_generation: the lease this session was elected under; it triggers only while
         that very lease is valid.
     :ivar epoch: increments with every session of this replica.
+    :ivar lease_id: the etcd lease of the session (triggers still running when it ends are
+        handed over under it).
     :ivar replicas: every replica's ``replica_data`` (an ``Any`` or ``None``), in key order.
     """
 
@@ -66,6 +83,7 @@ class Ownership:
     lease_generation: int = 0
     epoch: int = 0
     replicas: tuple = field(default=(), compare=False)
+    lease_id: int = 0
 
     def owns(self, partition_id: int) -> bool:
         return partition_id % self.total in self.indices
@@ -80,6 +98,17 @@ def decode_counter(value: bytes, name: str,
         logger.warning("counter of job %r cannot be decoded; the job starts from its first tick", name)
         return None
     return counter
+
+
+def check_times(record: stored_pb2.Job, counter: stored_pb2.Counter) -> None:
+    """Raise ``ValueError`` if a time ``record`` or ``counter`` carries is out of range."""
+    for message, name in ((record, "start"), (record, "due_time"), (record, "expiration"),
+                          (counter, "last_trigger")):
+        if message.HasField(name):
+            try:
+                to_datetime(getattr(message, name))
+            except (OverflowError, ValueError):
+                raise ValueError(f"its {name} is out of range") from None
 
 
 def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> stored_pb2.Counter:
@@ -101,9 +130,10 @@ class JobState:
     counter: stored_pb2.Counter
     counter_revision: int  #: of NS/counters/NAME (0: absent), compared by every counter write
     token: int
-    request: api_pb2.TriggerRequest
     phase: Phase = Phase.IDLE
     next: Pending | None = None
+    run: int = 0  #: increments with every delivery; a result of an earlier one is stale
+    deadline: float = 0.0  #: wall time by which the current delivery must have a result (0: none)
 
 
 class JobIndex:
@@ -156,6 +186,10 @@ class JobIndex:
     def names_locked(self) -> list[str]:
         return list(self._jobs)
 
+    def running_locked(self) -> list[JobState]:
+        """The states whose trigger (or result) is in flight."""
+        return [state for state in self._jobs.values() if state.phase is Phase.RUNNING]
+
     def names(self) -> list[str]:
         with self.lock:
             return sorted(self._jobs)
@@ -165,11 +199,16 @@ class JobIndex:
     def put_locked(self, name: str, record: stored_pb2.Job, mod_revision: int,
                    counter: stored_pb2.Counter | None, counter_revision: int) -> JobState | None:
         """Load a version of ``name`` (replacing any other) and return it, or ``None`` when that
-        version is already loaded or cannot be scheduled. ``state.next`` is ``None`` for a job
-        that has nothing left to do (the caller deletes it).
+        revision is already loaded. ``state.next`` is ``None`` for a job that has nothing left
+        to do (the caller deletes it).
 
-        ``counter`` is used only if it belongs to this version (same partition id); an existing
-        state of the same version keeps its newer in-memory counter.
+        A new revision of the loaded version (same partition id: a pause or a resume) updates
+        that state in place and returns it; if it is in flight (:data:`IN_FLIGHT`), its
+        ``next`` is left for the result to compute. ``counter`` is used only for a new version,
+        and only if it belongs to it.
+
+        :raises Exception: if this version cannot be scheduled (a schedule that does not parse,
+            a time out of range, ...); the index is then unchanged.
         """
         old = self._jobs.get(name)
         if old is not None and old.mod_revision == mod_revision:
@@ -177,27 +216,24 @@ class JobIndex:
         if mod_revision <= self._deleted.get(name, 0):
             return None  # a stale listing: this version is already deleted
         if old is not None and old.record.partition_id == record.partition_id:
-            counter, counter_revision = old.counter, old.counter_revision
-        else:
-            counter = counter_of(record, counter)
-        try:
-            schedule = (parse_schedule(record.job.schedule) if record.job.HasField("schedule")
-                        else None)
-        except ValueError as exc:
-            self._log.warning("job %r has a schedule etcdcron cannot parse (%s); skipping it", name, exc)
-            self.remove_locked(name)
-            return None
-        request = api_pb2.TriggerRequest(name=name)
-        if record.job.HasField("metadata"):
-            request.metadata.CopyFrom(record.job.metadata)
-        if record.job.HasField("payload"):
-            request.payload.CopyFrom(record.job.payload)
-        state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
-                         counter=counter, counter_revision=counter_revision,
-                         token=next(self._tokens), request=request)
-        state.next = pending(record, counter, schedule)
+            # The same version rewritten (paused, resumed): updated in place, token and all,
+            # so that a delivery in flight is still recorded, against the new revision.
+            check_times(record, old.counter)
+            schedule = _schedule_of(record)
+            nxt = pending(record, old.counter, schedule)
+            old.record, old.mod_revision, old.schedule = record, mod_revision, schedule
+            if old.phase not in IN_FLIGHT:
+                old.next = nxt
+            return old
+        counter = counter_of(record, counter)
+        check_times(record, counter)
+        schedule = _schedule_of(record)
+        nxt = pending(record, counter, schedule)
         if old is not None:
             self.set_phase_locked(old, Phase.IDLE)
+        state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
+                         counter=counter, counter_revision=counter_revision,
+                         token=next(self._tokens), next=nxt)
         self._jobs[name] = state
         return state
 

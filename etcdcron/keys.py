@@ -1,11 +1,23 @@
-"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``.
+"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``, and
+``NS/inflight/NAME`` (a trigger still running after its replica's session ended).
 
-Pure helpers; any thread.
+Any thread. A key under one of these prefixes is this namespace's only if its last part is a
+name: UTF-8 and without ``/``. Anything else is skipped wherever keys are read: a key whose part
+is not UTF-8 is logged once, and a key with a ``/`` in it belongs to a nested namespace (``app``
+and ``app/jobs`` side by side: ``app/jobs/jobs/x`` is ``app/jobs``'s job ``x``, not ``app``'s job
+``jobs/x``), which is logged once per nested prefix.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+
 __all__ = ["Keys", "prefix_end"]
+
+log = logging.getLogger(__name__)
+
+_MAX_SKIPPED = 10_000
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -22,11 +34,17 @@ def prefix_end(prefix: bytes) -> bytes:
 class Keys:
     """The key layout of one namespace."""
 
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, logger: logging.Logger | None = None):
         self.namespace = namespace
         self.jobs = f"{namespace}/jobs/".encode()
         self.counters = f"{namespace}/counters/".encode()
         self.leadership = f"{namespace}/leadership/".encode()
+        # Sorts just before jobs/, so that one watch of [inflight, end of jobs) sees both.
+        self.inflight = f"{namespace}/inflight/".encode()
+        self._log = logger or log
+        # Guards _skipped: the keys (or nested prefixes) already logged as skipped.
+        self._lock = threading.Lock()
+        self._skipped: set[object] = set()
 
     def job(self, name: str) -> bytes:
         return self.jobs + name.encode()
@@ -34,17 +52,47 @@ class Keys:
     def counter(self, name: str) -> bytes:
         return self.counters + name.encode()
 
+    def in_flight(self, name: str) -> bytes:
+        return self.inflight + name.encode()
+
     def leader(self, replica_id: str) -> bytes:
         return self.leadership + replica_id.encode()
 
-    def job_name(self, key: bytes) -> str:
-        """The job name of a ``NS/jobs/NAME`` key."""
-        return key[len(self.jobs):].decode()
+    def job_name(self, key: bytes) -> str | None:
+        """The job name of a ``NS/jobs/NAME`` key, or ``None`` if it is not one of ours."""
+        return self._name(key, self.jobs, "job")
 
-    def counter_name(self, key: bytes) -> str:
-        """The job name of a ``NS/counters/NAME`` key."""
-        return key[len(self.counters):].decode()
+    def counter_name(self, key: bytes) -> str | None:
+        """The job name of a ``NS/counters/NAME`` key, or ``None`` if it is not one of ours."""
+        return self._name(key, self.counters, "counter")
 
-    def replica_id(self, key: bytes) -> str:
-        """The replica id of a ``NS/leadership/ID`` key."""
-        return key[len(self.leadership):].decode()
+    def in_flight_name(self, key: bytes) -> str | None:
+        """The job name of a ``NS/inflight/NAME`` key, or ``None`` if it is not one of ours."""
+        return self._name(key, self.inflight, "in-flight")
+
+    def replica_id(self, key: bytes) -> str | None:
+        """The replica id of a ``NS/leadership/ID`` key, or ``None`` if it is not one of ours."""
+        return self._name(key, self.leadership, "leadership")
+
+    def _name(self, key: bytes, prefix: bytes, kind: str) -> str | None:
+        part = key[len(prefix):]
+        if b"/" in part or not part:
+            nested = prefix + part.partition(b"/")[0] + b"/"
+            self.skip_once(nested, "skipping keys under %r: they belong to another (nested) "
+                            "namespace", nested.decode(errors="replace"), level=logging.INFO)
+            return None
+        try:
+            return part.decode()
+        except UnicodeDecodeError:
+            self.skip_once(key, "skipping %s key %r: its name is not UTF-8", kind, key)
+            return None
+
+    def skip_once(self, what: object, message: str, *args, level: int = logging.WARNING) -> None:
+        """Log ``message`` the first time ``what`` (a key, or a key and a revision) is skipped."""
+        with self._lock:
+            if what in self._skipped:
+                return
+            if len(self._skipped) >= _MAX_SKIPPED:
+                self._skipped.clear()  # bounded: at worst a key is logged once more
+            self._skipped.add(what)
+        self._log.log(level, message, *args)

@@ -634,10 +634,11 @@ class Elector:
             m.record.replica_data if m.record.HasField("replica_data") else None
             for _, m in sorted(self._members.items())
         )
+        lease = self._lease.current()
         ownership = Ownership(total=total, indices=indices, fence_key=self._key,
                               fence_revision=self._claim.mod_revision,
                               lease_generation=self._claim.generation, epoch=self._epoch,
-                              replicas=replicas)
+                              replicas=replicas, lease_id=lease[0] if lease else 0)
         self._ownership_membership = membership
         self._activate(ownership)
         self._set_state(ElectionState.ELECTED, ownership)

@@ -3,19 +3,26 @@
 Workers queue :class:`Outcome` items; this thread takes the first that arrives plus whatever
 else is already waiting (up to :data:`MAX_BATCH`) and hands the batch to the engine, which
 commits it as one etcd transaction. Batching adds no delay: a lone result is committed at once.
+
+An outcome that etcd refused (or that could not be written for any other reason) comes back
+with :meth:`Recorder.retry_later` and joins a later batch once its delay has passed.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from etcdcron.api import TriggerResult
 from etcdcron.index import Ownership
+from etcdcron.supervise import Loop
 
 __all__ = ["Outcome", "Recorder", "MAX_BATCH"]
 
@@ -31,7 +38,9 @@ _STOP = object()
 class Outcome:
     """A result to record for one job version.
 
-    ``result`` is ``None`` for a job that has nothing left to do and is to be deleted.
+    ``result`` is ``None`` for a job that has nothing left to do and is to be deleted, or,
+    with ``refresh``, for a job whose counter is to be read again before it is armed (another
+    replica's trigger of it was just recorded).
     """
 
     name: str
@@ -39,40 +48,76 @@ class Outcome:
     ownership: Ownership
     tick: datetime | None = None
     result: TriggerResult | None = None
+    refresh: bool = False
+    run: int | None = None  #: the delivery this result is for (None: no delivery)
+    #: ``(latest tick skipped, ticks skipped)``: the job's catch-up policy skipped instead
+    skip: tuple[datetime, int] | None = None
 
 
 class Recorder:
+    """Batches outcomes for ``commit``, which must never raise for one bad outcome; if it raises
+    anyway, the whole batch is offered to ``commit`` again after a backoff."""
+
     def __init__(self, commit: Callable[[list[Outcome]], None],
                  logger: logging.Logger | None = None):
         self._commit = commit
         self._log = logger or log
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="etcdcron-recorder", daemon=True)
+        self._stopped = threading.Event()
+        # Outcomes to try again: (monotonic due time, seq, outcome). Only this thread reads it;
+        # retry_later() is called on this thread too (from commit).
+        self._later: list[tuple[float, int, Outcome]] = []
+        self._seq = itertools.count()
+        self.loop = Loop("etcdcron-recorder", self._loop, stopping=self._stopped.is_set,
+                         wait=self._stopped.wait, logger=self._log)
+        self.thread = self.loop.thread
 
     def start(self) -> None:
-        self.thread.start()
+        self.loop.start()
 
     def put(self, outcome: Outcome) -> None:
         self._queue.put(outcome)
 
+    def retry_later(self, outcome: Outcome, delay: float) -> None:
+        """Offer ``outcome`` to the engine again in ``delay`` seconds (recorder thread only)."""
+        heapq.heappush(self._later, (time.monotonic() + delay, next(self._seq), outcome))
+
     def stop(self) -> None:
-        """Stop after committing everything queued so far."""
+        """Stop after committing everything queued so far (outcomes waiting to be retried are
+        dropped: their session is ending)."""
+        self._stopped.set()
         self._queue.put(_STOP)
 
-    def _loop(self) -> None:
+    def _next_batch(self) -> list:
+        timeout = None
+        if self._later:
+            timeout = max(0.0, self._later[0][0] - time.monotonic())
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            batch = []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        now = time.monotonic()
+        while self._later and self._later[0][0] <= now and len(batch) < MAX_BATCH:
+            batch.append(heapq.heappop(self._later)[2])
+        return batch
+
+    def _loop(self, loop: Loop) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._next_batch()
             if _STOP in batch:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
             if batch:
                 try:
                     self._commit(batch)
-                except Exception:
-                    self._log.exception("etcdcron recorder: recording %d results failed", len(batch))
+                except BaseException:
+                    for outcome in batch:
+                        self.retry_later(outcome, 0.0)
+                    raise
+                loop.progress()

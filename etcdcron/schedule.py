@@ -9,16 +9,18 @@ Schedule grammar (see :func:`parse_schedule`):
 * a descriptor: ``@yearly``/``@annually``, ``@monthly``, ``@weekly``,
   ``@daily``/``@midnight``, ``@hourly``;
 * ``@every <Go duration>``: ticks at ``after + duration``;
-* any of these after an optional ``TZ=<IANA zone>`` or ``CRON_TZ=<IANA zone>`` prefix.
-  Cron fields are evaluated in that zone's wall clock (UTC without a prefix);
-  ``@every`` ignores the zone.
+* cron fields and descriptors after an optional ``TZ=<IANA zone>`` or ``CRON_TZ=<IANA zone>``
+  prefix are evaluated in that zone's wall clock (UTC without a prefix). ``@every`` counts
+  elapsed time, so a zone prefix before it is an error. Zone names are those of the IANA tz
+  database as the ``tzdata`` package lists them (links such as ``US/Eastern`` included), never
+  names whose meaning depends on the host (``localtime``, ``posixrules``, ``Factory``, paths).
 
 A cron tick is a wall-clock time matching every field, mapped to an instant.
 Daylight-saving rules for zoned schedules:
 
 * A wall time inside a spring-forward gap fires once, at the first instant after the
-  gap (02:30 on 2026-03-08 in America/New_York fires at 03:00 EDT), like Vixie cron
-  and cronie. Several such wall times collapse into that one instant.
+  gap (02:30 on 2026-03-08 in America/New_York fires at 03:00 EDT). Several such wall
+  times collapse into that one instant.
 * A wall time repeated by a fall-back transition fires at both instants when the hour
   field matches all 24 hours (the schedule keeps its rhythm), and only at the first
   instant (the earlier offset) when the schedule is pinned to particular hours.
@@ -29,24 +31,38 @@ Mapping wall times to first instants (gap walls to the gap's end) is monotonic, 
 next tick is the first instant of the first matching wall time after ``t``'s wall time
 (after the repeated interval when ``t`` is in its second pass), or, for schedules
 matching every hour, a second-pass instant of the repeated interval around ``t``.
+
+The search for the next matching day looks at most one Gregorian cycle (400 years,
+146,097 days, a whole number of weeks) ahead: the calendar repeats after it, so a schedule
+that matches no day in it never matches (such a schedule is known when it is built, and
+``next_after`` answers ``None`` at once). Ticks exist from :data:`FIRST_TICK` to
+:data:`LAST_TICK` (``datetime``'s range less two days at each end, so that every zone's wall
+clock of them is a ``datetime`` too); ``next_after`` never raises for an aware ``after``:
+past :data:`LAST_TICK` there is no next tick, and an ``after`` before :data:`FIRST_TICK`
+gives the first tick from it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import re
+import zoneinfo
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import MAXYEAR, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import isodate
 
 __all__ = [
+    "FIRST_TICK",
+    "LAST_TICK",
     "CronSchedule",
     "EverySchedule",
     "Schedule",
+    "parse_duration",
     "parse_go_duration",
     "parse_point_in_time",
     "parse_schedule",
@@ -54,11 +70,23 @@ __all__ = [
 
 UTC = timezone.utc
 
+#: The earliest instant a tick can fall on.
+FIRST_TICK = datetime(1, 1, 3, tzinfo=UTC)
+#: The latest instant a tick can fall on; after it no schedule has a next tick.
+LAST_TICK = datetime(9999, 12, 29, tzinfo=UTC)
+
 _SECOND = timedelta(seconds=1)
 _DAY = timedelta(days=1)
-_HORIZON = timedelta(days=3653)
-_SEARCH_END = datetime(MAXYEAR - 1, 1, 1)
+_BEFORE_FIRST_TICK = FIRST_TICK - timedelta(microseconds=1)
+_LAST_WALL = LAST_TICK.replace(tzinfo=None)
+# A zone's wall clock runs less than a day ahead of UTC.
+_LAST_ZONED_WALL = _LAST_WALL + _DAY
+# One Gregorian cycle, plus the day a match at an earlier time of day may need.
+_SEARCH_SPAN = timedelta(days=146_097 + 1)
 _ALL_HOURS = (1 << 24) - 1
+_MONTH_LENGTHS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+# Bits 1..n set: the days of a month of n days.
+_MONTH_BITS = tuple((1 << n + 1) - 2 for n in range(32))
 
 
 class Schedule(ABC):
@@ -70,9 +98,9 @@ class Schedule(ABC):
     def next_after(self, after: datetime) -> datetime | None:
         """Return the first tick strictly after ``after``.
 
-        :param after: an aware datetime, in any zone.
-        :returns: an aware datetime in UTC, or ``None`` if there is no tick within about
-            ten years.
+        :param after: an aware datetime, in any zone, anywhere in ``datetime``'s range.
+        :returns: an aware datetime in UTC, or ``None`` if there is no tick after ``after`` up
+            to :data:`LAST_TICK`.
         :raises ValueError: if ``after`` is naive.
         """
 
@@ -82,9 +110,21 @@ class EverySchedule(Schedule):
     """``@every <duration>``: ticks at a fixed interval from the previous one."""
 
     interval: timedelta
+    #: The latest ``after`` that still has a next tick.
+    _latest: datetime | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            latest = LAST_TICK - self.interval
+        except OverflowError:
+            latest = None
+        object.__setattr__(self, "_latest", latest)
 
     def next_after(self, after: datetime) -> datetime | None:
-        return _to_utc(after, "after") + self.interval
+        instant = _instant(after)
+        if instant is None or self._latest is None or instant > self._latest:
+            return None
+        return instant + self.interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +143,36 @@ class CronSchedule(Schedule):
     weekdays: int
     either_day: bool
     zone: ZoneInfo | None = None
+    #: ``_week[f]``: bits of the days of a month whose weekday matches, when its 1st is
+    #: weekday ``f`` (0 = Sunday).
+    _week: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    #: Whether any day matches: every month starts on every weekday, in leap years and in
+    #: common ones, within one Gregorian cycle.
+    _fires: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        week = tuple(
+            sum(1 << day for day in range(1, 32) if self.weekdays >> (first + day - 1) % 7 & 1)
+            for first in range(7)
+        )
+        object.__setattr__(self, "_week", week)
+        lengths = {(month, _MONTH_LENGTHS[month] + (leap and month == 2))
+                   for month in range(1, 13) if self.months >> month & 1 for leap in (0, 1)}
+        fires = any(self._day_bits(length, first) for _, length in lengths for first in range(7))
+        object.__setattr__(self, "_fires", fires)
 
     def next_after(self, after: datetime) -> datetime | None:
-        instant = _to_utc(after, "after")
+        instant = _instant(after)
+        if instant is None or not self._fires:
+            return None
+        if instant < _BEFORE_FIRST_TICK:
+            instant = _BEFORE_FIRST_TICK
         if self.zone is None:
             wall = instant.replace(tzinfo=None)
-            found = self._next_wall(_next_second(wall), _search_limit(wall))
+            found = self._next_wall(_next_second(wall), _search_limit(wall, _LAST_WALL))
             return None if found is None else found.replace(tzinfo=UTC)
-        return self._next_in_zone(instant)
+        tick = self._next_in_zone(instant)
+        return tick if tick is not None and tick <= LAST_TICK else None
 
     def _next_in_zone(self, instant: datetime) -> datetime | None:
         """Apply the daylight-saving rules of the module docstring."""
@@ -121,7 +183,7 @@ class CronSchedule(Schedule):
         in_second_pass = fold is not None and local.fold == 1
         ticks = []
         first_start = fold.end if in_second_pass else after_wall
-        first_wall = self._next_wall(first_start, _search_limit(wall))
+        first_wall = self._next_wall(first_start, _search_limit(wall, _LAST_ZONED_WALL))
         if first_wall is not None:
             ticks.append(self._first_instant(first_wall))
         if fold is not None and self.hours == _ALL_HOURS:
@@ -134,21 +196,43 @@ class CronSchedule(Schedule):
     def _next_wall(self, start: datetime, limit: datetime) -> datetime | None:
         """Return the first wall time at or after ``start`` (whole seconds) matching all
         fields, or ``None`` if it is later than ``limit``."""
-        moment = start
-        while moment <= limit:
-            if not self.months >> moment.month & 1:
-                moment = self._next_month(moment)
-            elif not self._day_matches(moment) or (found := self._time_of_day(moment)) is None:
-                moment = datetime(moment.year, moment.month, moment.day) + _DAY
-            else:
+        if self.months >> start.month & 1 and self._day_matches(start):
+            found = self._time_of_day(start)
+            if found is not None:
                 return found if found <= limit else None
+        day = self._next_day(start.year, start.month, start.day + 1, limit.year)
+        if day is None:
+            return None
+        found = datetime(*day, _ceil(self.hours, 0), _ceil(self.minutes, 0),
+                         _ceil(self.seconds, 0))
+        return found if found <= limit else None
+
+    def _next_day(self, year: int, month: int, day: int, last_year: int) -> tuple | None:
+        """Return ``(year, month, day)`` of the first matching day at or after the given one
+        (``day`` may be past the month's end), in ``last_year`` at the latest."""
+        while year <= last_year:
+            next_month = _ceil(self.months, month)
+            if next_month is None:
+                year, month, day = year + 1, 1, 1
+                continue
+            if next_month != month:
+                month, day = next_month, 1
+            length = _MONTH_LENGTHS[month]
+            if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+                length = 29
+            first = (date(year, month, 1).weekday() + 1) % 7
+            found = _ceil(self._day_bits(length, first), day)
+            if found is not None:
+                return year, month, found
+            month, day = month + 1, 1
         return None
 
-    def _next_month(self, moment: datetime) -> datetime:
-        month = _ceil(self.months, moment.month + 1)
-        if month is None:
-            return datetime(moment.year + 1, _ceil(self.months, 1), 1)
-        return datetime(moment.year, month, 1)
+    def _day_bits(self, length: int, first: int) -> int:
+        """Bits of the matching days of a month of ``length`` days whose 1st is weekday
+        ``first`` (0 = Sunday)."""
+        in_month = self.days & _MONTH_BITS[length]
+        in_week = self._week[first] & _MONTH_BITS[length]
+        return in_month | in_week if self.either_day else in_month & in_week
 
     def _day_matches(self, moment: datetime) -> bool:
         in_month = self.days >> moment.day & 1
@@ -281,17 +365,48 @@ def parse_schedule(spec: str) -> Schedule:
         raise ValueError(f"schedule {spec!r} is empty")
     keyword = words[0].lower()
     if keyword == "@every":
+        if zone is not None:
+            raise ValueError(
+                f"schedule {spec!r}: @every counts elapsed time, so a time zone does not apply "
+                f"to it; remove {spec.split()[0]!r}"
+            )
         return _parse_every(words[1:], spec)
     if keyword.startswith("@"):
         return _parse_cron(_expand_descriptor(keyword, words[1:], spec), spec, zone)
     return _parse_cron(words, spec, zone)
 
 
+#: Zone names whose meaning depends on the host's configuration, not on the tz database.
+_HOST_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    """The IANA zone names a schedule may use: every name the ``tzdata`` package lists (zones
+    and their backward-compatible links), less the host-dependent ones."""
+    try:
+        listed = importlib.resources.files("tzdata").joinpath("zones").read_text("utf-8")
+        names = frozenset(listed.split())
+    except (ImportError, OSError):
+        names = frozenset(zoneinfo.available_timezones())
+    return names - _HOST_ZONES
+
+
 def _parse_zone(name: str) -> ZoneInfo:
+    if name not in _zone_names():
+        if name in _HOST_ZONES:
+            reason = "it depends on how each host is configured"
+        elif name.startswith(("/", ".")) or "/." in name or "\\" in name:
+            reason = "a path is not a zone name"
+        else:
+            reason = "it is not in the IANA tz database"
+        raise ValueError(
+            f"unknown time zone {name!r}: {reason}; give an IANA name such as 'Europe/Paris'"
+        )
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {name!r}") from None
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as error:
+        raise ValueError(f"time zone {name!r} cannot be loaded: {error}") from None
 
 
 def _parse_every(words: list[str], spec: str) -> EverySchedule:
@@ -362,14 +477,20 @@ def _parse_item(item: str, text: str, column: _Field) -> int:
 
 
 def _parse_step(token: str, text: str, column: _Field) -> int:
-    if not _NUMBER.fullmatch(token) or int(token) == 0:
+    if not _NUMBER.fullmatch(token) or _small_int(token) == 0:
         raise _field_error(column, text, f"step {token!r} must be a positive integer")
-    return int(token)
+    return _small_int(token)
+
+
+def _small_int(digits: str) -> int:
+    """The value of ``digits``, capped where it exceeds any field (and int()'s digit limit)."""
+    digits = digits.lstrip("0")
+    return int(digits or "0") if len(digits) < 10 else 10**9
 
 
 def _parse_value(token: str, text: str, column: _Field) -> int:
     if _NUMBER.fullmatch(token):
-        value = int(token)
+        value = _small_int(token)
         if not column.low <= value <= column.high:
             bounds = f"{column.low}-{column.high}"
             raise _field_error(column, text, f"{token!r} is out of range {bounds}")
@@ -394,14 +515,25 @@ def _next_second(wall: datetime) -> datetime:
     return wall.replace(microsecond=0) + _SECOND
 
 
-def _search_limit(wall: datetime) -> datetime:
-    return min(wall, _SEARCH_END - _HORIZON) + _HORIZON
+def _search_limit(wall: datetime, end: datetime) -> datetime:
+    """How far to look for a match after ``wall``: one Gregorian cycle, or up to ``end``."""
+    return wall + _SEARCH_SPAN if wall < end - _SEARCH_SPAN else end
 
 
 def _to_utc(moment: datetime, name: str) -> datetime:
     if moment.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got {moment!r}")
     return moment.astimezone(UTC)
+
+
+def _instant(after: datetime) -> datetime | None:
+    """``after`` in UTC, ``None`` if it is later than :data:`LAST_TICK`; an ``after`` too early
+    for UTC to hold (year 1 east of Greenwich) is just before :data:`FIRST_TICK`."""
+    try:
+        instant = _to_utc(after, "after")
+    except OverflowError:
+        return None if after.year > 1 else _BEFORE_FIRST_TICK
+    return None if instant > LAST_TICK else instant
 
 
 _GO_UNITS = {
@@ -453,6 +585,9 @@ def parse_go_duration(value: str) -> timedelta:
 
 
 def _go_term_nanos(whole: str, fraction: str, unit: int) -> int:
+    # Digits past these cannot matter (the result is range-checked, then cut to microseconds),
+    # and int() refuses strings of thousands of digits.
+    whole, fraction = whole.lstrip("0")[:21], fraction[:30]
     return int(whole or 0) * unit + int(fraction or 0) * unit // 10 ** len(fraction)
 
 
@@ -492,8 +627,42 @@ def parse_point_in_time(value: str, now: datetime) -> datetime:
             offset = parse(text)
         except ValueError:
             continue
+        except ArithmeticError:  # isodate: more days than a timedelta holds
+            raise _out_of_range(value, reference) from None
         return _shift(reference, offset, value)
     raise ValueError(f"{value!r} is not an RFC 3339 time, a Go duration or an ISO 8601 duration")
+
+
+@functools.lru_cache(maxsize=1024)  # read on the hot path for jobs that carry one
+def parse_duration(value: str) -> timedelta:
+    """Parse a length of time: a Go duration (``90s``, ``1h30m``) or a fixed ISO 8601 duration
+    (``PT90S``, ``P1DT2H``, ``P2W``; not years or months, whose length varies).
+
+    :raises ValueError: if ``value`` is neither, is negative, a repeating form, or too long
+        for a Go duration (about 292 years).
+    """
+    text = value.strip()
+    if "/" in text:
+        raise ValueError(f"{value!r}: repeating intervals are not allowed, give a duration")
+    try:
+        duration = parse_go_duration(text)
+    except ValueError:
+        try:
+            duration = isodate.parse_duration(text)
+        except ArithmeticError:
+            raise ValueError(f"{value!r} is longer than Go's longest duration (about 292 "
+                             "years)") from None
+        except ValueError:
+            raise ValueError(f"{value!r} is not a Go duration (like '90s') or an ISO 8601 "
+                             "duration (like 'PT90S')") from None
+        if isinstance(duration, isodate.Duration):
+            raise ValueError(f"{value!r}: years and months have no fixed length; give days "
+                             "or weeks") from None
+    if duration < timedelta(0):
+        raise ValueError(f"{value!r} is negative")
+    if duration > timedelta(microseconds=(_GO_MAX_NANOS - 1) // 1000):
+        raise ValueError(f"{value!r} is longer than Go's longest duration (about 292 years)")
+    return duration
 
 
 def _parse_rfc3339(match: re.Match[str], value: str) -> datetime:
@@ -515,5 +684,9 @@ def _parse_rfc3339(match: re.Match[str], value: str) -> datetime:
 def _shift(reference: datetime, offset: timedelta | isodate.Duration, value: str) -> datetime:
     try:
         return (reference + offset).astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ValueError(f"{value!r} from {reference.isoformat()} is out of range") from None
+    except (ValueError, ArithmeticError):
+        raise _out_of_range(value, reference) from None
+
+
+def _out_of_range(value: str, reference: datetime) -> ValueError:
+    return ValueError(f"{value!r} from {reference.isoformat()} is out of range")

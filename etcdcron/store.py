@@ -1,4 +1,5 @@
-"""Job CRUD against etcd: add, add_if_not_exists, get, delete, delete_prefixes, list.
+"""Job CRUD against etcd: add, add_if_not_exists, get, delete, delete_prefixes, list, pause,
+resume.
 
 Runs on the caller's thread (a web request, a trigger, a script); needs no running scheduler.
 Every write is one etcd transaction, so nothing is ever half-written.
@@ -10,12 +11,20 @@ import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
+from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf.message import DecodeError
 
-from etcdcron._etcd import EtcdClient, cmp_create, op_delete, op_put
+from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, op_delete, op_put
 from etcdcron._pb import api_pb2, stored_pb2
-from etcdcron.errors import EtcdCronError, JobExistsError, ValidationError
+from etcdcron.errors import (
+    EtcdCronError,
+    EtcdError,
+    JobExistsError,
+    JobNotFoundError,
+    ValidationError,
+)
 from etcdcron.keys import Keys, prefix_end
+from etcdcron.ticks import to_timestamp
 from etcdcron.validation import prepare_job, validate_name, validate_prefix
 
 __all__ = ["Store", "decode_job", "MAX_PREFIXES"]
@@ -24,6 +33,16 @@ log = logging.getLogger(__name__)
 
 #: etcd's default --max-txn-ops is 128 and each prefix takes two deletions.
 MAX_PREFIXES = 64
+_MAX_TXN_OPS = 128
+_DELETE_ATTEMPTS = 5
+_UPDATE_ATTEMPTS = 10
+
+
+def _cmp_created_before(key: bytes, range_end: bytes, revision: int) -> rpc.Compare:
+    """Whether every key in ``[key, range_end)`` was created before ``revision`` (vacuously
+    true for an empty range)."""
+    return rpc.Compare(key=key, range_end=range_end, target=rpc.Compare.CREATE,
+                       result=rpc.Compare.LESS, create_revision=revision)
 
 
 def decode_job(value: bytes) -> stored_pb2.Job:
@@ -33,12 +52,15 @@ def decode_job(value: bytes) -> stored_pb2.Job:
     return record
 
 
-def decode_job_or_none(value: bytes, name: str, logger: logging.Logger) -> stored_pb2.Job | None:
-    """Parse a stored job, or log that ``name`` is skipped and return ``None``."""
+def decode_job_or_none(value: bytes, name: str, revision: int,
+                       keys: Keys) -> stored_pb2.Job | None:
+    """Parse a stored job, or log (once per revision) that ``name`` is skipped and return
+    ``None``."""
     try:
         return decode_job(value)
     except DecodeError:
-        logger.warning("skipping job %r: its record cannot be decoded", name)
+        keys.skip_once((name, revision), "skipping job %r (revision %d): its record cannot be "
+                       "decoded", name, revision)
         return None
 
 
@@ -47,7 +69,8 @@ def list_jobs_and_counters(client: EtcdClient, keys: Keys, **kw) -> tuple[int, l
     counter kv})``, both in key order."""
     revision, jobs = client.list_prefix(keys.jobs, **kw)
     _, counters = client.list_prefix(keys.counters, revision=revision, **kw)
-    return revision, jobs, {keys.counter_name(kv.key): kv for kv in counters}
+    named = ((keys.counter_name(kv.key), kv) for kv in counters)
+    return revision, jobs, {name: kv for name, kv in named if name is not None}
 
 
 class Store:
@@ -123,19 +146,97 @@ class Store:
         validate_name(name)
         self._client.txn([], [op_delete(self._keys.job(name)), op_delete(self._keys.counter(name))])
 
+    def pause(self, name: str) -> None:
+        """Mark ``name`` paused in its stored record: it keeps its counter and fires nothing.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        self._set_paused(name, True)
+
+    def resume(self, name: str) -> None:
+        """Resume ``name``; ticks that came due while it was paused are skipped.
+
+        :raises JobNotFoundError: if there is no such job.
+        """
+        self._set_paused(name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> None:
+        """Rewrite the record with ``paused``, keeping its version (partition id): a
+        compare-and-swap on the key, tried again if the job changed meanwhile. Pausing a paused
+        job, or resuming a running one, writes nothing, so a retried call changes nothing."""
+        validate_name(name)
+        key = self._keys.job(name)
+        for _ in range(_UPDATE_ATTEMPTS):
+            kv = self._client.get(key)
+            if kv is None:
+                raise JobNotFoundError(name)
+            try:
+                record = decode_job(kv.value)
+            except DecodeError as exc:
+                raise EtcdCronError(f"job {name!r} is stored in a form etcdcron cannot "
+                                    "decode") from exc
+            if record.paused == paused:
+                return
+            record.paused = paused
+            if not paused:
+                record.resumed.CopyFrom(to_timestamp(self._clock()))
+            if self._client.txn([cmp_mod(key, kv.mod_revision)],
+                                [op_put(key, record.SerializeToString())]).succeeded:
+                return
+        raise EtcdError(f"job {name!r} kept changing while being "
+                        f"{'paused' if paused else 'resumed'}; nothing was written")
+
     def delete_prefixes(self, *prefixes: str) -> None:
-        """Delete every job (and counter) whose name starts with one of ``prefixes``, atomically."""
+        """Delete every job (and counter) whose name starts with one of ``prefixes``, atomically.
+
+        ``""`` deletes every job of the namespace. Keys of a nested namespace that lie in the
+        same ranges (``app/jobs/jobs/x`` under ``app``'s ``app/jobs/``) are left alone: the
+        ranges are deleted around them, in one transaction that fails, and is tried again, if
+        a key was created in them since they were listed.
+
+        :raises EtcdError: if keys kept being created under the prefixes while trying.
+        """
         unique = sorted({validate_prefix(p) for p in prefixes})
         if len(unique) > MAX_PREFIXES:
             raise ValidationError(
                 f"delete_prefixes takes at most {MAX_PREFIXES} prefixes at once, got {len(unique)}"
             )
-        ops = []
-        for prefix in unique:
-            for key in (self._keys.job(prefix), self._keys.counter(prefix)):
-                ops.append(op_delete(key, prefix_end(key)))
-        if ops:
-            self._client.txn([], ops)
+        # A prefix covers every longer one that starts with it; sorted, it comes first.
+        covering = [p for i, p in enumerate(unique) if not any(p.startswith(q) for q in unique[:i])]
+        for _ in range(_DELETE_ATTEMPTS):
+            revision, ranges = self._own_ranges(covering)
+            created_before = [_cmp_created_before(start, end, revision + 1) for start, end in ranges]
+            ops = [op_delete(start, end) for start, end in ranges]
+            if len(ops) > _MAX_TXN_OPS:
+                raise EtcdCronError(f"delete_prefixes{tuple(prefixes)!r}: too many nested "
+                                    "namespaces inside these prefixes to delete around them")
+            if not ops or self._client.txn(created_before, ops).succeeded:
+                return
+        raise EtcdError(f"delete_prefixes{tuple(prefixes)!r}: keys kept being created under "
+                        "the prefixes; nothing was deleted")
+
+    def _own_ranges(self, prefixes: list[str]) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The key ranges holding this namespace's jobs and counters under ``prefixes``, around
+        any nested namespace's keys, as listed at one revision."""
+        revision, ranges = 0, []
+        for prefix in prefixes:
+            for base in (self._keys.jobs, self._keys.counters):
+                start = base + prefix.encode()
+                end = prefix_end(start)
+                holes = set()
+                for revision, kvs in self._client.iter_prefix(start, revision=revision,
+                                                              keys_only=True):
+                    for kv in kvs:
+                        part = kv.key[len(base):]
+                        if b"/" in part:
+                            holes.add(base + part.partition(b"/")[0] + b"/")
+                for hole in sorted(holes):
+                    if start < hole:
+                        ranges.append((start, hole))
+                    start = max(start, prefix_end(hole))
+                if start < end:
+                    ranges.append((start, end))
+        return revision, ranges
 
     def list(self, prefix: str = "") -> list[api_pb2.NamedJob]:
         """Every job whose name starts with ``prefix``, sorted by name.
@@ -148,7 +249,8 @@ class Store:
         for _, kvs in self._client.iter_prefix(self._keys.job(prefix)):
             for kv in kvs:
                 name = self._keys.job_name(kv.key)
-                record = decode_job_or_none(kv.value, name, self._log)
+                record = (None if name is None
+                          else decode_job_or_none(kv.value, name, kv.mod_revision, self._keys))
                 if record is None:
                     continue
                 jobs.append(api_pb2.NamedJob(name=name, job=record.job))

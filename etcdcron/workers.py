@@ -7,6 +7,7 @@ from worker to worker. :func:`to_result` turns whatever a trigger returned into 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 from etcdcron._pb import api_pb2
 from etcdcron.api import TriggerResult
+from etcdcron.supervise import Loop
 
 __all__ = ["WorkerPool", "to_result"]
 
@@ -44,36 +46,98 @@ def to_result(value: object) -> TriggerResult:
 
 
 class WorkerPool:
-    """``size`` threads running ``run(name, token)`` for each submitted item."""
+    """``size`` threads running ``run(*item)`` for each submitted item ``(name, token, run)``.
 
-    def __init__(self, size: int, run: Callable[[str, int], None],
+    Anything ``run`` raises for one item (``BaseException`` included) is logged with the job's
+    name, and the worker goes on with the next item. A worker stuck in a trigger past its
+    timeout (see :meth:`expired`) is replaced, so that the others keep their number; it leaves
+    the pool once its trigger returns.
+    """
+
+    def __init__(self, size: int, run: Callable[..., None],
                  logger: logging.Logger | None = None):
         self._run = run
         self._log = logger or log
+        self._size = size
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._loop, name=f"etcdcron-worker-{i}", daemon=True)
-            for i in range(size)
-        ]
+        self._stopped = threading.Event()
+        self._names = itertools.count()
+        # Guards _loops, _current and _retired: the worker loops, what each one runs (by loop
+        # name), and the loops stuck past a timeout that leave after their item.
+        self._lock = threading.Lock()
+        self._loops: list[Loop] = [self._new_loop() for _ in range(size)]
+        self._current: dict[str, tuple] = {}
+        self._retired: set[str] = set()
+
+    def _new_loop(self) -> Loop:
+        return Loop(f"etcdcron-worker-{next(self._names)}", self._loop,
+                    stopping=self._stopped.is_set, wait=self._stopped.wait, logger=self._log)
+
+    @property
+    def loops(self) -> list[Loop]:
+        with self._lock:
+            return list(self._loops)
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [loop.thread for loop in self.loops]
+
+    def stuck(self) -> list[str]:
+        """Names of the jobs whose (synchronous) trigger is stuck past its timeout."""
+        with self._lock:
+            return sorted(self._current[name][0] for name in self._retired
+                          if name in self._current)
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        for loop in self.loops:
+            loop.start()
 
-    def submit(self, items: Iterable[tuple[str, int]]) -> None:
+    def submit(self, items: Iterable[tuple]) -> None:
         for item in items:
             self._queue.put(item)
 
+    def expired(self, item: tuple) -> None:
+        """The trigger of ``item`` ran past its timeout: if a worker is still in it, replace
+        that worker (up to twice the pool's size in all)."""
+        with self._lock:
+            stuck = next((name for name, current in self._current.items()
+                          if current == item and name not in self._retired), None)
+            if stuck is None:
+                return
+            self._retired.add(stuck)
+            if len(self._loops) >= 2 * self._size:
+                self._log.error("%d trigger(s) are stuck past their timeout; no more workers "
+                                "are added (jobs: %s)", len(self._retired),
+                                ", ".join(sorted(self._current[n][0] for n in self._retired
+                                                 if n in self._current)))
+                return
+            replacement = self._new_loop()
+            self._loops.append(replacement)
+        self._log.warning("job %r: its trigger is stuck in %s past its timeout; starting "
+                          "%s in its place", item[0], stuck, replacement.name)
+        replacement.start()
+
     def stop(self) -> None:
+        self._stopped.set()
         self._queue.put(_STOP)
 
-    def _loop(self) -> None:
+    def _loop(self, loop: Loop) -> None:
+        name = loop.name
         while True:
             item = self._queue.get()
             if item is _STOP:
                 self._queue.put(_STOP)
                 return
+            with self._lock:
+                self._current[name] = item
             try:
                 self._run(*item)
-            except Exception:
-                self._log.exception("etcdcron worker failed running job %r", item[0])
+            except BaseException as exc:  # noqa: BLE001 - the worker goes on with the next job
+                self._log.error("etcdcron worker failed running job %r", item[0], exc_info=exc)
+            with self._lock:
+                del self._current[name]
+                if name in self._retired:  # a replacement took this worker's place
+                    self._retired.discard(name)
+                    self._loops.remove(loop)
+                    return
+            loop.progress()

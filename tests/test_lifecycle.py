@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from google.protobuf.wrappers_pb2 import BytesValue
 
 from etcdcron import (
     Cron,
@@ -180,13 +181,31 @@ def test_lost_lease_stops_triggering_and_is_reclaimed(make_cron, calls, client, 
 @pytest.mark.parametrize("options, message", [
     ({"trigger": "nope"}, "trigger must be callable"),
     ({"namespace": ""}, "namespace"),
-    ({"workers": 0}, "workers must be an int >= 1, got 0"),
+    ({"workers": 0}, "workers must be an int >= 1 and <= 4096, got 0"),
+    ({"workers": 10**6}, "workers must be an int >= 1 and <= 4096"),
+    ({"lease_ttl": float("inf")}, "lease_ttl must be at most 86400 seconds, got inf"),
+    ({"lease_ttl": float("nan")}, "lease_ttl must be a number"),
+    ({"counter_gc_interval": float("inf")}, "counter_gc_interval must be at most"),
+    ({"request_timeout": 1e300}, "request_timeout must be at most"),
+    ({"drain_timeout": -1}, "drain_timeout must be at least 0"),
+    ({"partition_id": 0, "partition_total": 2**64}, r"partition_total must be in \[1, 2\*\*64 - 1\]"),
+    ({"partition_id": 0, "partition_total": 0}, "partition_total must be in"),
+    ({"namespace": "a//b"}, "namespace must not start or end with '/'"),
+    ({"namespace": "a/"}, "namespace must not start or end with '/'"),
+    ({"namespace": "a\x00b"}, "namespace must not contain control characters"),
+    ({"namespace": "\ud800"}, "namespace must be valid Unicode text"),
+    ({"namespace": "n" * 300}, "namespace must be at most 256 characters"),
+    ({"replica_id": "web\n1"}, "replica_id must not contain control characters"),
+    ({"logger": "etcdcron"}, "logger must be a logging.Logger"),
+    ({"clock": lambda: "now"}, "clock must return seconds since the epoch"),
+    ({"clock": 3}, "clock must be callable"),
+    ({"replica_data": BytesValue(value=b"x" * 70_000)}, "replica_data must serialize to at most"),
     ({"lease_ttl": 1}, "lease_ttl must be at least 2"),
     ({"lease_ttl": "20s"}, "lease_ttl must be a number"),
     ({"partition_id": 1}, "needs both partition_id and partition_total"),
     ({"partition_id": 3, "partition_total": 3}, r"partition_id must be in \[0, 3\), got 3"),
     ({"partition_id": 0, "partition_total": 1, "replica_id": "a"}, "not both"),
-    ({"replica_id": "a/b"}, "replica_id"),
+    ({"replica_id": "a/b"}, "replica_id must not contain '/'"),
     ({"replica_data": "text"}, "replica_data must be a protobuf message"),
     ({"on_leadership": 3}, "on_leadership must be callable"),
     ({"endpoints": "nonsense"}, "not host:port"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import timeit
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -11,7 +12,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from etcdcron.schedule import (
+    FIRST_TICK,
+    LAST_TICK,
     EverySchedule,
+    _zone_names,
     parse_go_duration,
     parse_point_in_time,
     parse_schedule,
@@ -201,8 +205,9 @@ def test_descriptor_equals_its_cron_form() -> None:
             utc(2026, 1, 1),
             [utc(2026, 1, 1, 0, 0, 0, 1), utc(2026, 1, 1, 0, 0, 0, 2)],
         ),
+        # elapsed time: a spring-forward transition changes nothing
         (
-            "TZ=America/New_York @every 10s",
+            "@every 10s",
             ny(2026, 3, 8, 1, 59, 55),
             [utc(2026, 3, 8, 7, 0, 5), utc(2026, 3, 8, 7, 0, 15)],
         ),
@@ -303,6 +308,45 @@ def test_next_after_inside_repeated_hour(spec: str, after: datetime, expected: d
     assert parse_schedule(f"TZ=America/New_York {spec}").next_after(after) == expected
 
 
+# Where etcdcron's DST rules differ from cronie's (README "Daylight saving time"). cronie runs a
+# job whose minute or hour field starts with '*' ("wildcard") on real time: not caught up after a
+# spring-forward gap, run again in a repeated hour; a "fixed-time" job is caught up after the gap
+# and not run again in the repeated hour. etcdcron decides on the fields' values instead: every
+# gap wall time fires at the gap's end, and a repeated wall time fires twice only when the hour
+# field matches all 24 hours.
+@pytest.mark.parametrize(
+    ("spec", "after", "expected", "cronie"),
+    [
+        # wildcard hour, minute in the gap: cronie skips 02:30; etcdcron fires at 03:00
+        ("0 30 * * * *", ny(2026, 3, 8, 1, 40), [ny(2026, 3, 8, 3), ny(2026, 3, 8, 3, 30)],
+         [ny(2026, 3, 8, 3, 30), ny(2026, 3, 8, 4, 30)]),
+        # wildcard minute, hour in the gap: cronie runs none of 02:xx that day; etcdcron one
+        ("0 */15 2 * * *", ny(2026, 3, 8), [ny(2026, 3, 8, 3), ny(2026, 3, 9, 2)],
+         [ny(2026, 3, 9, 2), ny(2026, 3, 9, 2, 15)]),
+        # fixed time in the gap: both fire once at the gap's end
+        ("0 30 2 * * *", ny(2026, 3, 8), [ny(2026, 3, 8, 3), ny(2026, 3, 9, 2, 30)],
+         [ny(2026, 3, 8, 3), ny(2026, 3, 9, 2, 30)]),
+        # wildcard minute, pinned hour in the repeated hour: cronie runs both passes; etcdcron one
+        ("0 */15 1 * * *", ny(2026, 11, 1, 1, 50),
+         [ny(2026, 11, 2, 1), ny(2026, 11, 2, 1, 15)],
+         [ny(2026, 11, 1, 1, fold=1), ny(2026, 11, 1, 1, 15, fold=1)]),
+        # every hour, written as a range: cronie sees a fixed-time job and runs it once;
+        # etcdcron sees all 24 hours and keeps the hourly rhythm through both passes
+        ("0 30 0-23 * * *", ny(2026, 11, 1, 1, 40),
+         [ny(2026, 11, 1, 1, 30, fold=1), ny(2026, 11, 1, 2, 30)],
+         [ny(2026, 11, 1, 2, 30), ny(2026, 11, 1, 3, 30)]),
+        # '*' hour: both run both passes
+        ("0 30 * * * *", ny(2026, 11, 1, 1, 40),
+         [ny(2026, 11, 1, 1, 30, fold=1), ny(2026, 11, 1, 2, 30)],
+         [ny(2026, 11, 1, 1, 30, fold=1), ny(2026, 11, 1, 2, 30)]),
+    ],
+)
+def test_dst_rules_where_cronie_differs(spec: str, after: datetime, expected: list[datetime],
+                                        cronie: list[datetime]) -> None:
+    actual = ticks(f"TZ=America/New_York {spec}", after, len(expected))
+    assert actual == expected, f"(cronie, for comparison: {cronie})"
+
+
 def simulated_ticks(
     matches: Callable[[datetime], bool], every_hour: bool, start: datetime, end: datetime
 ) -> list[datetime]:
@@ -349,10 +393,96 @@ def test_matches_minute_by_minute_simulation(
 
 @pytest.mark.parametrize(
     "spec",
-    ["0 0 0 30 2 *", "0 0 0 31 4 *", "TZ=America/New_York 0 0 0 31 4 *", "0 0 0 31 2,4,6,9,11 *"],
+    ["0 0 0 30 2 *", "0 0 0 31 4 *", "TZ=America/New_York 0 0 0 31 4 *", "0 0 0 31 2,4,6,9,11 *",
+     "0 0 0 30,31 2 */7"],
 )
 def test_no_next_time(spec: str) -> None:
     assert parse_schedule(spec).next_after(utc(2026, 1, 1)) is None
+
+
+# -- the next-time search spans a whole Gregorian cycle -------------------------------------------
+
+@pytest.mark.parametrize(
+    ("spec", "after", "expected"),
+    [
+        # Feb 1 on a Monday (a '*' day field makes both day fields count)
+        ("0 0 0 */29 2 mon", utc(2027, 2, 2), [utc(2038, 2, 1), utc(2044, 2, 1), utc(2049, 2, 1)]),
+        # Feb 29 on a Sunday: 28 years apart, 40 across 2100, which is no leap year
+        ("0 0 0 29 2 */7", utc(2032, 3, 1), [utc(2060, 2, 29), utc(2088, 2, 29), utc(2128, 2, 29)]),
+        ("TZ=America/New_York 0 0 0 29 2 */7", utc(2032, 3, 1),
+         [ny(2060, 2, 29), ny(2088, 2, 29), ny(2128, 2, 29)]),
+        # Feb 29 ("?/1" counts as a star), after 2096: the next leap year is 2104
+        ("0 30 12 29 2 ?/1", utc(2096, 3, 1), [utc(2104, 2, 29, 12, 30)]),
+        ("0 0 0 29 2 */7", utc(9900, 1, 1), [utc(9920, 2, 29), utc(9948, 2, 29), utc(9976, 2, 29)]),
+    ],
+)
+def test_next_time_search_reaches_decades_ahead(spec: str, after: datetime,
+                                                expected: list[datetime]) -> None:
+    assert ticks(spec, after, len(expected)) == expected
+
+
+def test_every_month_shape_occurs_in_one_gregorian_cycle() -> None:
+    # What CronSchedule relies on to know, when it is built, whether it ever fires: within any
+    # 400 years, every month starts on every weekday, both in leap years and in common ones.
+    shapes = {(year % 4 == 0 and (year % 100 != 0 or year % 400 == 0), month,
+               datetime(year, month, 1).weekday()) for year in range(2000, 2400)
+              for month in range(1, 13)}
+    assert len(shapes) == 2 * 12 * 7
+
+
+@pytest.mark.parametrize("spec", [
+    "0 0 0 30 2 *", "0 0 0 31 2,4,6,9,11 *", "0 0 0 29 2 */7", "0 0 0 */29 2 mon",
+    "TZ=Australia/Lord_Howe 0 0 0 29 2 */7", "59 59 23 29 2 */7", "0 0 0 29 2 1-5/7",
+])
+def test_the_slowest_searches_take_under_two_milliseconds(spec: str) -> None:
+    schedule = parse_schedule(spec)
+    afters = [utc(2032, 3, 1), utc(2096, 3, 1), utc(2027, 2, 2), utc(9800, 1, 1)]
+    best = min(timeit.repeat(lambda: [schedule.next_after(a) for a in afters], number=5,
+                             repeat=5)) / (5 * len(afters))
+    assert best < 0.002, f"{spec!r}: {best * 1e3:.2f} ms per next_after"
+
+
+# -- the ends of datetime --------------------------------------------------------------------------
+
+ENDS = [datetime.min.replace(tzinfo=UTC), FIRST_TICK - timedelta(microseconds=1), FIRST_TICK,
+        LAST_TICK - timedelta(seconds=1), LAST_TICK, datetime.max.replace(tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=23, minutes=59))),
+        datetime.max.replace(tzinfo=timezone(-timedelta(hours=23, minutes=59)))]
+
+
+@pytest.mark.parametrize("spec", ["0 0 0 * * *", "* * * * * *", "0 30 2 * * *", "0 0 0 29 2 *",
+                                  "59 59 23 31 12 *"])
+def test_next_after_never_raises_near_the_ends_of_datetime_in_any_zone(spec: str) -> None:
+    for zone in sorted(_zone_names()):
+        schedule = parse_schedule(f"TZ={zone} {spec}")
+        for after in ENDS:
+            tick = schedule.next_after(after)
+            assert tick is None or (after < tick and FIRST_TICK <= tick <= LAST_TICK), (zone, after)
+
+
+@pytest.mark.parametrize("spec", ["@every 1us", "@every 1s", "@every 2562047h47m16.854775807s"])
+def test_every_never_raises_near_the_ends_of_datetime(spec: str) -> None:
+    schedule = parse_schedule(spec)
+    for after in ENDS:
+        tick = schedule.next_after(after)
+        assert tick is None or after < tick <= LAST_TICK
+        if tick is not None and after.tzinfo is UTC:
+            assert tick == after + schedule.interval
+    assert schedule.next_after(LAST_TICK - schedule.interval) == LAST_TICK
+    assert schedule.next_after(LAST_TICK - schedule.interval + timedelta(microseconds=1)) is None
+
+
+def test_no_tick_after_the_last_tick() -> None:
+    assert parse_schedule("* * * * * *").next_after(LAST_TICK - timedelta(seconds=1)) == LAST_TICK
+    assert parse_schedule("* * * * * *").next_after(LAST_TICK) is None
+    assert parse_schedule("0 0 0 * * *").next_after(LAST_TICK - timedelta(days=1)) == LAST_TICK
+    assert parse_schedule("@yearly").next_after(utc(9999, 1, 1)) is None
+
+
+def test_an_after_before_the_first_tick_gives_the_first_tick() -> None:
+    assert parse_schedule("* * * * * *").next_after(datetime.min.replace(tzinfo=UTC)) == FIRST_TICK
+    assert parse_schedule("TZ=America/New_York 0 0 0 * * *").next_after(
+        datetime.min.replace(tzinfo=UTC)) == datetime(1, 1, 3, 4, 56, 2, tzinfo=UTC)  # LMT
 
 
 @pytest.mark.parametrize(
@@ -387,9 +517,13 @@ def test_no_next_time(spec: str) -> None:
         ("0 0 0 * * mon-fry", "day-of-week field 'mon-fry': 'fry' is not a number or a day name"),
         ("@fortnightly", "unknown descriptor '@fortnightly'"),
         ("@daily 5", "descriptor '@daily' takes no arguments"),
-        ("TZ=Mars/Olympus 0 0 * * * *", "unknown time zone 'Mars/Olympus'"),
+        ("TZ=Mars/Olympus 0 0 * * * *", "unknown time zone 'Mars/Olympus': it is not in the IANA"),
         ("CRON_TZ=America 0 0 * * * *", "unknown time zone 'America'"),
-        ("TZ=../etc/passwd @daily", "unknown time zone '../etc/passwd'"),
+        ("TZ=../etc/passwd @daily", "unknown time zone '../etc/passwd': a path is not a zone name"),
+        ("TZ= @daily", "unknown time zone ''"),
+        ("TZ=UTC @every 1s", "@every counts elapsed time, so a time zone does not apply to it; "
+                             "remove 'TZ=UTC'"),
+        ("CRON_TZ=Europe/Paris @every 1h", "remove 'CRON_TZ=Europe/Paris'"),
         ("@every 0s", "@every duration '0s' must be positive"),
         ("@every -1s", "@every duration '-1s' must be positive"),
         ("@every 1ns", "@every duration '1ns' must be positive"),
@@ -405,6 +539,35 @@ def test_rejected_schedules(spec: str, message: str) -> None:
     with pytest.raises(ValueError) as error:
         parse_schedule(spec)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory"])
+def test_host_dependent_zone_names_are_rejected(zone: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown time zone '{zone}': it depends on how each "
+                                         "host is configured; give an IANA name"):
+        parse_schedule(f"TZ={zone} 0 0 0 * * *")
+
+
+@pytest.mark.parametrize("zone", ["/etc/localtime", "/usr/share/zoneinfo/UTC", "./UTC",
+                                  "America/../UTC", "America/./New_York", "..\\UTC",
+                                  "posix/America/New_York", "right/UTC", "Local", "utc",
+                                  "America/new_york", "Etc/GMT+15", "zone.tab", "tzdata.zi"])
+def test_paths_and_names_outside_the_tz_database_are_rejected(zone: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown time zone {re.escape(repr(zone))}: "):
+        parse_schedule(f"TZ={zone} 0 0 0 * * *")
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "UTC", "Etc/UTC", "Etc/GMT-14", "EST5EDT",
+                                  "US/Eastern", "Asia/Calcutta", "Europe/Kiev", "Europe/Kyiv",
+                                  "GB", "Australia/Lord_Howe"])
+def test_iana_zones_and_their_links_are_accepted(zone: str) -> None:
+    assert parse_schedule(f"TZ={zone} 0 0 0 * * *").zone.key == zone
+
+
+def test_a_link_means_the_zone_it_links_to() -> None:
+    after = utc(2026, 3, 8)
+    assert (parse_schedule("TZ=US/Eastern 0 30 2 * * *").next_after(after)
+            == parse_schedule("TZ=America/New_York 0 30 2 * * *").next_after(after))
 
 
 @pytest.mark.parametrize(

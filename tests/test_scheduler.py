@@ -490,7 +490,7 @@ def test_a_listing_from_before_a_one_shot_finished_does_not_bring_it_back(make_c
     engine.apply_events = lambda *args: (resume.wait(10), apply_events(*args))  # hold the watch
     release.set()
     wait_until(lambda: gone(cron, "once") and engine.index.names() == [], 10)
-    engine.load(engine.index.ownership, jobs, {}, revision)
+    engine.load(engine.index.ownership, jobs, {}, [], revision)
     loaded = engine.index.names()
     resume.set()
 

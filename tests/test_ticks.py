@@ -375,3 +375,106 @@ def test_success_resets_attempts():
     for failures in (1, 2, 3):
         c = after_result(record, c, nxt, FAILED)
         assert pending(record, c, schedule) == Pending(nxt, nxt + failures * SECOND)
+
+
+# -- any record, even one validation would refuse: a defined answer, never an exception ----------
+
+def stored(job: Job, **begin) -> stored_pb2.Job:
+    """A record as another implementation may have written it (not validated)."""
+    record = stored_pb2.Job(partition_id=7, job=job, **begin)
+    if not job.HasField("failure_policy"):
+        record.job.failure_policy.CopyFrom(DEFAULT_FAILURE_POLICY)
+    return record
+
+
+MAX_TS = Timestamp(seconds=253402300799, nanos=999_999_999)  # 9999-12-31T23:59:59.999999999Z
+MIN_TS = Timestamp(seconds=-62135596800)  # 0001-01-01T00:00:00Z
+
+
+@pytest.mark.parametrize("spec", ["TZ=America/New_York @daily", "TZ=Pacific/Kiritimati @hourly",
+                                  "TZ=Etc/GMT+12 * * * * * *", "@every 1s", "@every 2562047h",
+                                  "0 0 0 29 2 *"])
+@pytest.mark.parametrize("stamp", [MIN_TS, MAX_TS, Timestamp(seconds=253402300799 - 86400)],
+                         ids=["first", "last", "last-day"])
+def test_ticks_near_the_ends_of_datetime_never_raise(spec, stamp):
+    schedule = parse_schedule(spec)
+    for begin in ("due_time", "start"):
+        record = stored(Job(schedule=spec), **{begin: stamp})
+        for c in (counter(), counter(count=1, last_trigger=to_datetime(stamp)),
+                  counter(count=1, attempts=7, last_trigger=to_datetime(stamp))):
+            p = pending(record, c, schedule)
+            assert p is None or p.due >= p.tick
+            tick = p.tick if p is not None else to_datetime(stamp)
+            for result in (SUCCESS, FAILED):
+                after = after_result(record, c, tick, result)
+                pending(record, after, schedule)
+
+
+def test_issue_examples_give_defined_answers():
+    # validation refuses these due times now; a record that has them still works
+    daily = stored(Job(schedule="TZ=America/New_York @daily"), due_time=MIN_TS)
+    first = pending(daily, counter(), parse_schedule(daily.job.schedule))
+    assert first.tick == datetime(1, 1, 1, tzinfo=UTC)
+    done = after_result(daily, counter(), first.tick, SUCCESS)
+    # midnight in New York (LMT, -4:56:02) on the first day the engine computes ticks for
+    assert pending(daily, done, parse_schedule(daily.job.schedule)).tick == \
+        datetime(1, 1, 3, 4, 56, 2, tzinfo=UTC)
+    every = stored(Job(schedule="@every 1s"), due_time=Timestamp(seconds=253402300799))
+    last = pending(every, counter(), parse_schedule("@every 1s"))
+    assert last.tick == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    done = after_result(every, counter(), last.tick, SUCCESS)
+    assert pending(every, done, parse_schedule("@every 1s")) is None  # finished: no later tick
+
+
+@pytest.mark.parametrize("field", ["due_time", "start", "expiration", "last_trigger"])
+@pytest.mark.parametrize("seconds", [2**63 - 1, -(2**63), 253402300800, -62135596801])
+def test_timestamps_outside_datetime_never_raise(field, seconds):
+    stamp = Timestamp(seconds=seconds, nanos=999_999_999)
+    spec = "@every 1s"
+    record = stored(Job(schedule=spec), due_time=to_timestamp(NOW))
+    c = counter()
+    if field == "last_trigger":
+        c.last_trigger.CopyFrom(stamp)
+    elif field == "expiration":
+        record.expiration.CopyFrom(stamp)
+    else:
+        getattr(record, field).CopyFrom(stamp)
+    p = pending(record, c, parse_schedule(spec))
+    later = seconds > 0
+    if field == "expiration":  # past the end of time: no limit; before its start: nothing left
+        assert (p is None) == (not later)
+    elif field == "due_time":  # never reached; or long past, due at once
+        assert (p is None) == later
+    else:  # no tick after the end of time; ticks from the start of time after it
+        assert (p is None) == later
+
+
+@pytest.mark.parametrize("seconds", [2**62, 9_223_372_036 * 1000, 315_576_000_000])
+def test_a_retry_interval_too_long_for_datetime_ends_the_job(seconds):
+    policy = FailurePolicy(constant=FailurePolicyConstant(interval=Duration(seconds=seconds)))
+    record = stored(Job(schedule="@every 1s", failure_policy=policy), start=to_timestamp(NOW))
+    schedule = parse_schedule("@every 1s")
+    failed = after_result(record, counter(), NOW + SECOND, FAILED)
+    assert failed.attempts == 1
+    assert pending(record, failed, schedule) is None
+
+
+def test_a_retry_interval_of_three_million_days_ends_the_job_without_touching_others():
+    # the interval of issue 11 item 9, in a record validation would now refuse
+    policy = FailurePolicy(constant=FailurePolicyConstant())
+    policy.constant.interval.FromTimedelta(timedelta(days=3_000_000))
+    record = stored(Job(schedule="@every 1s", failure_policy=policy), start=to_timestamp(NOW))
+    failed = after_result(record, counter(), NOW + SECOND, FAILED)
+    assert pending(record, failed, parse_schedule("@every 1s")) is None
+
+
+def test_counts_stop_at_the_largest_uint32():
+    record = stored(Job(schedule="@every 1s", failure_policy=policy_constant(1)),
+                    start=to_timestamp(NOW))
+    top = 2**32 - 1
+    failed = after_result(record, counter(count=top, attempts=top), NOW, FAILED)
+    assert (failed.count, failed.attempts) == (top, top)
+    done = after_result(record, counter(count=top, attempts=top), NOW, SUCCESS)
+    assert (done.count, done.attempts) == (top, 0)
+    assert pending(record, failed, parse_schedule("@every 1s")).due == \
+        NOW + SECOND + timedelta(seconds=top)

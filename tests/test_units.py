@@ -216,17 +216,40 @@ def test_timer_clear_drops_armed_entries(make_timer, fake_clock):
     assert deliveries.wait(1) == [[("kept", 2)]]
 
 
-def test_timer_survives_a_failing_on_due(make_timer, fake_clock, logger):
+def test_timer_survives_a_failing_on_due_and_delivers_those_entries_again(make_timer, fake_clock,
+                                                                          logger):
     deliveries = Deliveries(fail_first=True)
     timer = make_timer(deliveries)
     timer.start()
     timer.arm_many([(fake_clock[0], "one", 1)])
-    deliveries.wait(1)
+    assert deliveries.wait(2)[:2] == [[("one", 1)], [("one", 1)]]
     timer.arm_many([(fake_clock[0], "two", 2)])
-    assert deliveries.wait(2) == [[("one", 1)], [("two", 2)]]
+    assert deliveries.wait(3)[2] == [("two", 2)]
     assert timer.thread.is_alive()
     errors = [r for r in logger.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
+    assert timer.loop.health().restarts == 1
+
+
+def test_timer_heap_stays_in_proportion_to_its_jobs_under_replaces_and_deletes():
+    heap = TimerHeap()
+    for version in range(5000):  # one job, replaced again and again, far in the future
+        heap.push(1e9 + version, "job", version)
+        heap.push(2e9, f"deleted-{version}", version)
+        heap.discard(f"deleted-{version}")
+    assert len(heap) == 1 and heap.size <= 2 * len(heap) + 65
+    assert heap.pop_due(3e9) == [("job", 4999)]
+    assert heap.size == 0
+
+
+def test_timer_heap_skips_replaced_and_discarded_entries():
+    heap = TimerHeap()
+    heap.push(10, "a", 1)
+    heap.push(20, "b", 2)
+    heap.push(30, "a", 3)  # a new version of "a" replaces its entry at 10
+    heap.discard("b")
+    assert heap.next_due() == 30
+    assert heap.pop_due(100) == [("a", 3)]
 
 
 def test_timer_stop_ends_the_thread(make_timer, fake_clock):
@@ -551,7 +574,6 @@ def test_put_new_job():
     assert state.phase is Phase.IDLE
     assert state.next == pending(rec, state.counter, parse_schedule("@every 1s"))
     assert state.next.tick == NOW.replace(second=6)
-    assert state.request == api_pb2.TriggerRequest(name="job")
     assert index.names() == ["job"]
     assert len(index) == 1
 
@@ -585,19 +607,32 @@ def test_put_same_mod_revision_is_ignored():
         assert index.get_locked("job") is first
 
 
-def test_re_put_of_the_same_partition_keeps_the_in_memory_counter():
+def test_re_put_of_the_same_partition_updates_the_state_in_place():
     index = JobIndex()
     with index.lock:
         first = index.put_locked("job", record(7), 10, None, 0)
         first.counter = stored_pb2.Counter(job_partition_id=7, count=5)
         first.counter_revision = 15
         stale = stored_pb2.Counter(job_partition_id=7, count=1)
-        second = index.put_locked("job", record(7), 11, stale, 12)
-    assert second is not first
-    assert second.mod_revision == 11
+        paused = record(7)
+        paused.paused = True
+        second = index.put_locked("job", paused, 11, stale, 12)
+    assert second is first and second.token == first.token
+    assert second.mod_revision == 11 and second.record.paused
     assert second.counter == stored_pb2.Counter(job_partition_id=7, count=5)
     assert second.counter_revision == 15
-    assert second.token != first.token
+
+
+def test_re_put_of_a_state_in_flight_leaves_its_delivery_alone():
+    index = JobIndex()
+    with index.lock:
+        state = index.put_locked("job", record(7), 10, None, 0)
+        delivery = state.next
+        index.set_phase_locked(state, Phase.RUNNING)
+        changed = record(7)
+        changed.due_time.seconds += 3600
+        assert index.put_locked("job", changed, 11, None, 0) is state
+    assert state.next is delivery and state.phase is Phase.RUNNING and index.running == 1
 
 
 def test_put_of_a_new_partition_starts_a_fresh_counter():
@@ -614,18 +649,6 @@ def test_put_of_a_new_partition_starts_a_fresh_counter():
     assert len({first.token, second.token, third.token}) == 3
 
 
-def test_put_builds_the_trigger_request():
-    payload, metadata = Any(), Any()
-    payload.Pack(Duration(seconds=1))
-    metadata.Pack(Duration(seconds=2))
-    index = JobIndex()
-    with index.lock:
-        state = index.put_locked("job", record(1, Job(due_time="1s", payload=payload,
-                                                      metadata=metadata)), 10, None, 0)
-    assert state.schedule is None
-    assert state.request == api_pb2.TriggerRequest(name="job", payload=payload, metadata=metadata)
-
-
 def test_put_of_a_finished_job_has_no_next():
     index = JobIndex()
     with index.lock:
@@ -635,17 +658,21 @@ def test_put_of_a_finished_job_has_no_next():
     assert state.next is None
 
 
-def test_put_of_an_unparsable_schedule_removes_the_job(logger):
-    index = JobIndex(logger)
+def test_put_of_an_unschedulable_version_raises_and_changes_nothing():
+    index = JobIndex()
     bad = record(7)
     bad.job.schedule = "not a schedule"
+    out_of_range = record(7)
+    out_of_range.due_time.seconds = 10**13  # beyond datetime's year 9999
     with index.lock:
         old = index.put_locked("job", record(7), 10, None, 0)
         index.set_phase_locked(old, Phase.RUNNING)
-        assert index.put_locked("job", bad, 11, None, 0) is None
-        assert index.get_locked("job") is None
-    assert index.running == 0
-    assert len(logger.records) == 1 and "'job'" in logger.records[0].getMessage()
+        with pytest.raises(ValueError, match="not a schedule"):
+            index.put_locked("job", bad, 11, None, 0)
+        with pytest.raises(ValueError, match="due_time is out of range"):
+            index.put_locked("job", out_of_range, 12, None, 0)
+        assert index.get_locked("job") is old
+    assert index.running == 1
 
 
 def test_running_count_follows_phases():
@@ -671,7 +698,7 @@ def test_running_count_follows_phases():
         assert index.remove_locked("a") is a
         assert index.running == 1
         # replacement of a RUNNING job
-        replaced = index.put_locked("b", record(2), 13, None, 0)
+        replaced = index.put_locked("b", record(20), 13, None, 0)
         assert replaced.phase is Phase.IDLE
         assert b.phase is Phase.IDLE
         assert index.running == 0

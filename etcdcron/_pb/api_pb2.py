@@ -26,37 +26,37 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65tcdcron/_pb/api.proto\x12\x0c\x65tcdcron.api\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xa5\x02\n\x03Job\x12\x15\n\x08schedule\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x64ue_time\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x03ttl\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x14\n\x07repeats\x18\x04 \x01(\rH\x03\x88\x01\x01\x12&\n\x08metadata\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x38\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0b\x32\x1b.etcdcron.api.FailurePolicyH\x04\x88\x01\x01\x42\x0b\n\t_scheduleB\x0b\n\t_due_timeB\x06\n\x04_ttlB\n\n\x08_repeatsB\x11\n\x0f_failure_policy\"\x83\x01\n\rFailurePolicy\x12/\n\x04\x64rop\x18\x01 \x01(\x0b\x32\x1f.etcdcron.api.FailurePolicyDropH\x00\x12\x37\n\x08\x63onstant\x18\x02 \x01(\x0b\x32#.etcdcron.api.FailurePolicyConstantH\x00\x42\x08\n\x06policy\"\x13\n\x11\x46\x61ilurePolicyDrop\"n\n\x15\x46\x61ilurePolicyConstant\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0bmax_retries\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_max_retries\"m\n\x0eTriggerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08metadata\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\"F\n\x0fTriggerResponse\x12\x33\n\x06result\x18\x01 \x01(\x0e\x32#.etcdcron.api.TriggerResponseResult\"8\n\x08NamedJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x03job\x18\x02 \x01(\x0b\x32\x11.etcdcron.api.Job\"4\n\x0cListResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.etcdcron.api.NamedJob\"\xba\x01\n\rInformerEvent\x12\x30\n\x03put\x18\x01 \x01(\x0b\x32!.etcdcron.api.InformerEventJobPutH\x00\x12\x36\n\x06\x64\x65lete\x18\x02 \x01(\x0b\x32$.etcdcron.api.InformerEventJobDeleteH\x00\x12\x36\n\x08\x64rop_all\x18\x03 \x01(\x0b\x32\".etcdcron.api.InformerEventDropAllH\x00\x42\x07\n\x05\x65vent\"\x88\x01\n\x13InformerEventJobPut\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12&\n\x08metadata\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"<\n\x16InformerEventJobDelete\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\"\x16\n\x14InformerEventDropAll*C\n\x15TriggerResponseResult\x12\x0b\n\x07SUCCESS\x10\x00\x12\n\n\x06\x46\x41ILED\x10\x01\x12\x11\n\rUNDELIVERABLE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65tcdcron/_pb/api.proto\x12\x0c\x65tcdcron.api\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xb0\x03\n\x03Job\x12\x15\n\x08schedule\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x64ue_time\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x03ttl\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x14\n\x07repeats\x18\x04 \x01(\rH\x03\x88\x01\x01\x12&\n\x08metadata\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x38\n\x0e\x66\x61ilure_policy\x18\x07 \x01(\x0b\x32\x1b.etcdcron.api.FailurePolicyH\x04\x88\x01\x01\x12\x1d\n\x0f\x63\x61tch_up_window\x18\xe8\x07 \x01(\tH\x05\x88\x01\x01\x12\x16\n\x08\x63oalesce\x18\xe9\x07 \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x0ftrigger_timeout\x18\xea\x07 \x01(\tH\x07\x88\x01\x01\x42\x0b\n\t_scheduleB\x0b\n\t_due_timeB\x06\n\x04_ttlB\n\n\x08_repeatsB\x11\n\x0f_failure_policyB\x12\n\x10_catch_up_windowB\x0b\n\t_coalesceB\x12\n\x10_trigger_timeout\"\x83\x01\n\rFailurePolicy\x12/\n\x04\x64rop\x18\x01 \x01(\x0b\x32\x1f.etcdcron.api.FailurePolicyDropH\x00\x12\x37\n\x08\x63onstant\x18\x02 \x01(\x0b\x32#.etcdcron.api.FailurePolicyConstantH\x00\x42\x08\n\x06policy\"\x13\n\x11\x46\x61ilurePolicyDrop\"n\n\x15\x46\x61ilurePolicyConstant\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x0bmax_retries\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_max_retries\"m\n\x0eTriggerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08metadata\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\"F\n\x0fTriggerResponse\x12\x33\n\x06result\x18\x01 \x01(\x0e\x32#.etcdcron.api.TriggerResponseResult\"8\n\x08NamedJob\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x03job\x18\x02 \x01(\x0b\x32\x11.etcdcron.api.Job\"4\n\x0cListResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.etcdcron.api.NamedJob\"\xba\x01\n\rInformerEvent\x12\x30\n\x03put\x18\x01 \x01(\x0b\x32!.etcdcron.api.InformerEventJobPutH\x00\x12\x36\n\x06\x64\x65lete\x18\x02 \x01(\x0b\x32$.etcdcron.api.InformerEventJobDeleteH\x00\x12\x36\n\x08\x64rop_all\x18\x03 \x01(\x0b\x32\".etcdcron.api.InformerEventDropAllH\x00\x42\x07\n\x05\x65vent\"\x88\x01\n\x13InformerEventJobPut\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12&\n\x08metadata\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"=\n\x16InformerEventJobDelete\x12\x14\n\x0cmod_revision\x18\x01 \x01(\x03\x12\r\n\x04name\x18\xe8\x07 \x01(\t\"\x16\n\x14InformerEventDropAll*C\n\x15TriggerResponseResult\x12\x0b\n\x07SUCCESS\x10\x00\x12\n\n\x06\x46\x41ILED\x10\x01\x12\x11\n\rUNDELIVERABLE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'etcdcron._pb.api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRIGGERRESPONSERESULT']._serialized_start=1371
-  _globals['_TRIGGERRESPONSERESULT']._serialized_end=1438
+  _globals['_TRIGGERRESPONSERESULT']._serialized_start=1511
+  _globals['_TRIGGERRESPONSERESULT']._serialized_end=1578
   _globals['_JOB']._serialized_start=100
-  _globals['_JOB']._serialized_end=393
-  _globals['_FAILUREPOLICY']._serialized_start=396
-  _globals['_FAILUREPOLICY']._serialized_end=527
-  _globals['_FAILUREPOLICYDROP']._serialized_start=529
-  _globals['_FAILUREPOLICYDROP']._serialized_end=548
-  _globals['_FAILUREPOLICYCONSTANT']._serialized_start=550
-  _globals['_FAILUREPOLICYCONSTANT']._serialized_end=660
-  _globals['_TRIGGERREQUEST']._serialized_start=662
-  _globals['_TRIGGERREQUEST']._serialized_end=771
-  _globals['_TRIGGERRESPONSE']._serialized_start=773
-  _globals['_TRIGGERRESPONSE']._serialized_end=843
-  _globals['_NAMEDJOB']._serialized_start=845
-  _globals['_NAMEDJOB']._serialized_end=901
-  _globals['_LISTRESPONSE']._serialized_start=903
-  _globals['_LISTRESPONSE']._serialized_end=955
-  _globals['_INFORMEREVENT']._serialized_start=958
-  _globals['_INFORMEREVENT']._serialized_end=1144
-  _globals['_INFORMEREVENTJOBPUT']._serialized_start=1147
-  _globals['_INFORMEREVENTJOBPUT']._serialized_end=1283
-  _globals['_INFORMEREVENTJOBDELETE']._serialized_start=1285
-  _globals['_INFORMEREVENTJOBDELETE']._serialized_end=1345
-  _globals['_INFORMEREVENTDROPALL']._serialized_start=1347
-  _globals['_INFORMEREVENTDROPALL']._serialized_end=1369
+  _globals['_JOB']._serialized_end=532
+  _globals['_FAILUREPOLICY']._serialized_start=535
+  _globals['_FAILUREPOLICY']._serialized_end=666
+  _globals['_FAILUREPOLICYDROP']._serialized_start=668
+  _globals['_FAILUREPOLICYDROP']._serialized_end=687
+  _globals['_FAILUREPOLICYCONSTANT']._serialized_start=689
+  _globals['_FAILUREPOLICYCONSTANT']._serialized_end=799
+  _globals['_TRIGGERREQUEST']._serialized_start=801
+  _globals['_TRIGGERREQUEST']._serialized_end=910
+  _globals['_TRIGGERRESPONSE']._serialized_start=912
+  _globals['_TRIGGERRESPONSE']._serialized_end=982
+  _globals['_NAMEDJOB']._serialized_start=984
+  _globals['_NAMEDJOB']._serialized_end=1040
+  _globals['_LISTRESPONSE']._serialized_start=1042
+  _globals['_LISTRESPONSE']._serialized_end=1094
+  _globals['_INFORMEREVENT']._serialized_start=1097
+  _globals['_INFORMEREVENT']._serialized_end=1283
+  _globals['_INFORMEREVENTJOBPUT']._serialized_start=1286
+  _globals['_INFORMEREVENTJOBPUT']._serialized_end=1422
+  _globals['_INFORMEREVENTJOBDELETE']._serialized_start=1424
+  _globals['_INFORMEREVENTJOBDELETE']._serialized_end=1485
+  _globals['_INFORMEREVENTDROPALL']._serialized_start=1487
+  _globals['_INFORMEREVENTDROPALL']._serialized_end=1509
 # @@protoc_insertion_point(module_scope)

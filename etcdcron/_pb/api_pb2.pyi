@@ -18,7 +18,7 @@ FAILED: TriggerResponseResult
 UNDELIVERABLE: TriggerResponseResult
 
 class Job(_message.Message):
-    __slots__ = ("schedule", "due_time", "ttl", "repeats", "metadata", "payload", "failure_policy")
+    __slots__ = ("schedule", "due_time", "ttl", "repeats", "metadata", "payload", "failure_policy", "catch_up_window", "coalesce", "trigger_timeout")
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     DUE_TIME_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,9 @@ class Job(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     FAILURE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     schedule: str
     due_time: str
     ttl: str
@@ -33,7 +36,10 @@ class Job(_message.Message):
     metadata: _any_pb2.Any
     payload: _any_pb2.Any
     failure_policy: FailurePolicy
-    def __init__(self, schedule: _Optional[str] = ..., due_time: _Optional[str] = ..., ttl: _Optional[str] = ..., repeats: _Optional[int] = ..., metadata: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., failure_policy: _Optional[_Union[FailurePolicy, _Mapping]] = ...) -> None: ...
+    catch_up_window: str
+    coalesce: bool
+    trigger_timeout: str
+    def __init__(self, schedule: _Optional[str] = ..., due_time: _Optional[str] = ..., ttl: _Optional[str] = ..., repeats: _Optional[int] = ..., metadata: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., failure_policy: _Optional[_Union[FailurePolicy, _Mapping]] = ..., catch_up_window: _Optional[str] = ..., coalesce: bool = ..., trigger_timeout: _Optional[str] = ...) -> None: ...
 
 class FailurePolicy(_message.Message):
     __slots__ = ("drop", "constant")
@@ -108,12 +114,12 @@ class InformerEventJobPut(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mod_revision: _Optional[int] = ..., metadata: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class InformerEventJobDelete(_message.Message):
-    __slots__ = ("name", "mod_revision")
-    NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("mod_revision", "name")
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
-    name: str
+    NAME_FIELD_NUMBER: _ClassVar[int]
     mod_revision: int
-    def __init__(self, name: _Optional[str] = ..., mod_revision: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, mod_revision: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class InformerEventDropAll(_message.Message):
     __slots__ = ()

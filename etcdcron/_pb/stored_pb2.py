@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from etcdcron._pb import api_pb2 as etcdcron_dot___pb_dot_api__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65tcdcron/_pb/stored.proto\x12\x0f\x65tcdcron.stored\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x65tcdcron/_pb/api.proto\"\xe5\x01\n\x03Job\x12\x14\n\x0cpartition_id\x18\x01 \x01(\x04\x12+\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12.\n\x08\x64ue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x33\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x12\x1e\n\x03job\x18\x05 \x01(\x0b\x32\x11.etcdcron.api.JobB\x07\n\x05\x62\x65ginB\r\n\x0b_expiration\"v\n\x07\x43ounter\x12\x18\n\x10job_partition_id\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x30\n\x0clast_trigger\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\"j\n\nLeadership\x12\r\n\x05total\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\x04\x12/\n\x0creplica_data\x18\x03 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x88\x01\x01\x42\x0f\n\r_replica_datab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65tcdcron/_pb/stored.proto\x12\x0f\x65tcdcron.stored\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x65tcdcron/_pb/api.proto\"\xb5\x02\n\x03Job\x12\x14\n\x0cpartition_id\x18\x01 \x01(\x04\x12+\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12.\n\x08\x64ue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x33\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x12\x1e\n\x03job\x18\x05 \x01(\x0b\x32\x11.etcdcron.api.Job\x12\x0f\n\x06paused\x18\xe8\x07 \x01(\x08\x12\x31\n\x07resumed\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x02\x88\x01\x01\x42\x07\n\x05\x62\x65ginB\r\n\x0b_expirationB\n\n\x08_resumed\"\xbb\x01\n\x07\x43ounter\x12\x18\n\x10job_partition_id\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x30\n\x0clast_trigger\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\r\x12\x10\n\x07skipped\x18\xe8\x07 \x01(\x04\x12\x31\n\x0clast_skipped\x18\xe9\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"j\n\nLeadership\x12\r\n\x05total\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\x04\x12/\n\x0creplica_data\x18\x03 \x01(\x0b\x32\x14.google.protobuf.AnyH\x00\x88\x01\x01\x42\x0f\n\r_replica_data\"N\n\x08InFlight\x12\x18\n\x10job_partition_id\x18\x01 \x01(\x04\x12(\n\x04tick\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'etcdcron._pb.stored_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB']._serialized_start=131
-  _globals['_JOB']._serialized_end=360
-  _globals['_COUNTER']._serialized_start=362
-  _globals['_COUNTER']._serialized_end=480
-  _globals['_LEADERSHIP']._serialized_start=482
-  _globals['_LEADERSHIP']._serialized_end=588
+  _globals['_JOB']._serialized_end=440
+  _globals['_COUNTER']._serialized_start=443
+  _globals['_COUNTER']._serialized_end=630
+  _globals['_LEADERSHIP']._serialized_start=632
+  _globals['_LEADERSHIP']._serialized_end=738
+  _globals['_INFLIGHT']._serialized_start=740
+  _globals['_INFLIGHT']._serialized_end=818
 # @@protoc_insertion_point(module_scope)
