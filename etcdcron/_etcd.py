@@ -656,6 +656,12 @@ class EtcdClient:
         was put since before the first attempt, the transaction was applied and is not sent
         again, even if the key has since been changed or deleted (a one-shot job that fired).
 
+        Not covered: an attempt held up on its way to etcd (in a frozen member's socket, or a
+        network delaying it for longer than the attempt's timeout) that arrives after the look
+        into the history found nothing and the transaction was sent again; it is then applied
+        twice. Closing that needs a fence key that every attempt compares and that is written
+        before sending again.
+
         :returns: the response, or ``None`` if the transaction was applied but its answer lost.
         :raises EtcdError: as :meth:`call`; also if the history needed was compacted away.
         """
