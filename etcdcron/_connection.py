@@ -274,8 +274,11 @@ def open_channel(endpoint: Endpoint, spec: ConnectionSpec,
     options = [
         # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # gRPC takes this as the time a connection attempt (TCP, TLS, HTTP/2) may take: it must
+        # fit a slow link, as every new channel starts with it (100 ms never connected through
+        # 0.3 s of latency).
+        ("grpc.min_reconnect_backoff_ms", 5000),
         # Within etcd's keepalive enforcement: no pings without streams, none too often.
         ("grpc.keepalive_time_ms", spec.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
