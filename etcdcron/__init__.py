@@ -27,7 +27,7 @@ from etcdcron.errors import (
     StopTimeoutError,
     ValidationError,
 )
-from etcdcron.leadership import ElectionState
+from etcdcron.election import ElectionState
 from etcdcron.status import JobStatus
 
 __version__ = "0.1.0"

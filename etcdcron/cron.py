@@ -31,7 +31,8 @@ from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
 from etcdcron.gc import CounterCollector
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys
-from etcdcron.leadership import Elector, ElectionState, LeaseKeeper
+from etcdcron.election import Elector, ElectionState
+from etcdcron.lease import LeaseKeeper
 from etcdcron.notify import Notifier
 from etcdcron.staging import DeliverableHandle, Staging
 from etcdcron.status import JobStatus, LocalView, job_status, job_statuses
@@ -239,11 +240,18 @@ class Cron:
                               trigger_timeout=self._trigger_timeout, logger=self._log)
         self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
                                            self._log)
+        # The loops without which an elected replica would fire nothing: one that keeps
+        # failing makes the replica resign its partitions. They work only while elected, so
+        # the replica claims again after its backoff to find out whether they work again.
+        essential = [self._engine.informer.loop, self._engine.timer.loop,
+                     self._engine.recorder.loop]
         self._elector = Elector(client=self._client, keys=self._keys, lease=self._lease,
                                 replica_id=self.replica_id, uid=random.getrandbits(64),
                                 replica_data=self._replica_data, static=self._static,
                                 activate=self._activate, deactivate=self._deactivate,
                                 on_elected=self._elected, stop=stop, logger=self._log)
+        for loop in essential:
+            loop.on_stuck, loop.stuck_after = self._elector.resign, self._lease_ttl
 
     def _threads(self) -> list[threading.Thread]:
         threads = []
@@ -357,7 +365,8 @@ class Cron:
     def _loops(self) -> list[Loop]:
         if self._engine is None:
             return []
-        loops = [*self._engine.loops, self._collector.loop]
+        loops = [*self._lease.loops, *self._elector.loops, *self._engine.loops,
+                 self._collector.loop]
         if self._notifier is not None:
             loops.append(self._notifier.loop)
         return loops

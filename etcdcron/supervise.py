@@ -99,10 +99,11 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        """True when every thread is alive and without errors, every result was recorded and
-        every owned job can be scheduled."""
+        """True when every thread is alive and without errors, every result was recorded,
+        every owned job can be scheduled, and the election is neither blocked nor resigned."""
         return (all(t.ok for t in self.threads.values()) and not self.unrecorded
-                and not self.unschedulable and not self.stuck)
+                and not self.unschedulable and not self.stuck
+                and getattr(self.election, "name", None) not in ("BLOCKED", "RESIGNED"))
 
     @property
     def problems(self) -> list[str]:
@@ -115,6 +116,8 @@ class Health:
         lines += [f"job {name!r} cannot be scheduled: {why}"
                   for name, why in self.unschedulable.items()]
         lines += [f"job {name!r}: its trigger is stuck past its timeout" for name in self.stuck]
+        if getattr(self.election, "name", None) in ("BLOCKED", "RESIGNED"):
+            lines.append(f"the election is {self.election.name.lower()}")
         return lines
 
 
@@ -140,8 +143,8 @@ class Loop:
         self._body = body
         self._stopping = stopping
         self._wait = wait
-        self._on_stuck = on_stuck
-        self._stuck_after = stuck_after
+        self.on_stuck = on_stuck
+        self.stuck_after = stuck_after
         self._backoff = Backoff(base=0.05, cap=backoff_cap)
         self._log = logger or log
         self._clock = clock
@@ -173,12 +176,12 @@ class Loop:
                 self._failing_since = time.monotonic()
             self._failures += 1
             stuck = (not self._reported and self._failures >= STUCK_FAILURES
-                     and time.monotonic() - self._failing_since >= self._stuck_after)
+                     and time.monotonic() - self._failing_since >= self.stuck_after)
             if stuck:
                 self._reported = True
             failures = self._failures
-        if stuck and self._on_stuck is not None:
-            self._on_stuck(f"{self.name} failed {failures} times in a row "
+        if stuck and self.on_stuck is not None:
+            self.on_stuck(f"{self.name} failed {failures} times in a row "
                            f"(last: {_describe(exc)})")
 
     def _run(self) -> None:

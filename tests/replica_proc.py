@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--lease-ttl", type=float, default=20)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--replica-id", default=None)
     args = parser.parse_args()
 
     lock = threading.Lock()
@@ -33,7 +34,8 @@ def main() -> None:
             log.flush()
 
     cron = Cron(endpoints=args.endpoint, namespace=args.namespace, lease_ttl=args.lease_ttl,
-                workers=args.workers, trigger=lambda req: write(f"fired {req.name}"),
+                workers=args.workers, replica_id=args.replica_id,
+                trigger=lambda req: write(f"fired {req.name}"),
                 on_leadership=lambda replicas: write(f"leaders {len(replicas)}"))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -14,7 +14,8 @@ from google.protobuf.any_pb2 import Any
 from etcdcron import ElectionState, Job
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
-from etcdcron.leadership import Elector, LeaseKeeper
+from etcdcron.election import Elector
+from etcdcron.lease import LeaseKeeper
 from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster]
@@ -135,12 +136,13 @@ class LoneElector:
 
     UID = 0x5EED
 
-    def __init__(self, client, namespace: str, replica_id: str):
+    def __init__(self, client, namespace: str, replica_id: str, *, static=None, clock=None):
         self.stop_event = threading.Event()
-        self.lease = LeaseKeeper(client, 5, self.stop_event, on_change=lambda: self.elector.wake())
+        self.lease = LeaseKeeper(client, 5, self.stop_event, on_change=lambda: self.elector.wake(),
+                                 clock=clock)
         self.elector = Elector(client=client, keys=Keys(namespace), lease=self.lease,
                                replica_id=replica_id, uid=self.UID, replica_data=None,
-                               static=None, activate=lambda ownership: None,
+                               static=static, activate=lambda ownership: None,
                                deactivate=lambda: None, on_elected=lambda ownership: None,
                                stop=self.stop_event)
 
@@ -163,8 +165,8 @@ class LoneElector:
 def lone_elector(client, namespace):
     made = []
 
-    def make(replica_id: str) -> LoneElector:
-        made.append(LoneElector(client, namespace, replica_id))
+    def make(replica_id: str, **options) -> LoneElector:
+        made.append(LoneElector(client, namespace, replica_id, **options))
         return made[-1]
 
     yield make
@@ -416,9 +418,9 @@ def test_a_rolling_start_of_ten_replicas_costs_one_rebalance(make_cron, fired, c
                                                             namespace, monkeypatch):
     """Joins close together are acknowledged together: about one leadership write per replica
     to claim and one to acknowledge, not one acknowledgement per replica per join."""
-    from etcdcron import leadership
+    from etcdcron import election
 
-    monkeypatch.setattr(leadership, "SETTLE", 2.0)  # wide enough for a loaded machine
+    monkeypatch.setattr(election, "SETTLE", 2.0)  # wide enough for a loaded machine
     keys = Keys(namespace)
     start = client.current_revision()
     crons = []

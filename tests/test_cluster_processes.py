@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from etcdcron import Job
+from etcdcron._etcd import EtcdClient
+from etcdcron._pb import stored_pb2
+from etcdcron.keys import Keys
 from etcdcron.testing import bulk_add, wait_until
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
@@ -45,11 +48,13 @@ def test_a_line_the_replica_is_still_writing_is_not_read(tmp_path):
 class Replica:
     """One ``tests.replica_proc`` process and its log."""
 
-    def __init__(self, endpoint: str, namespace: str, log: Path, lease_ttl: float):
+    def __init__(self, endpoint: str, namespace: str, log: Path, lease_ttl: float,
+                 replica_id: str | None = None):
         self.log = log
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.replica_proc", "--endpoint", endpoint,
-             "--namespace", namespace, "--log", str(log), "--lease-ttl", str(lease_ttl)],
+             "--namespace", namespace, "--log", str(log), "--lease-ttl", str(lease_ttl),
+             *(["--replica-id", replica_id] if replica_id else [])],
             cwd=ROOT, stdin=subprocess.DEVNULL)
 
     @property
@@ -62,8 +67,12 @@ class Replica:
     def fired(self, since: float = 0.0) -> list[tuple[float, str]]:
         return [(t, name) for t, kind, name in self.lines() if kind == "fired" and t >= since]
 
+    def elections(self) -> list[int]:
+        """The number of replicas at each of its elections so far."""
+        return [int(n) for _, kind, n in self.lines() if kind == "leaders"]
+
     def leaders(self) -> int | None:
-        counts = [int(n) for _, kind, n in self.lines() if kind == "leaders"]
+        counts = self.elections()
         return counts[-1] if counts else None
 
     def signal(self, signum: int) -> None:
@@ -84,9 +93,11 @@ class Replica:
 def spawn(etcd, namespace, tmp_path):
     made: list[Replica] = []
 
-    def make(count: int, lease_ttl: float = 20) -> list[Replica]:
-        new = [Replica(etcd.endpoint, namespace, tmp_path / f"replica-{len(made) + i}.log",
-                       lease_ttl) for i in range(count)]
+    def make(count: int, lease_ttl: float = 20, ids: list[str] | None = None,
+             endpoint: str | None = None) -> list[Replica]:
+        new = [Replica(endpoint or etcd.endpoint, namespace,
+                       tmp_path / f"replica-{len(made) + i}.log", lease_ttl,
+                       ids[i] if ids else None) for i in range(count)]
         made.extend(new)
         return new
 
@@ -179,3 +190,50 @@ def test_gunicorn_style_four_worker_processes_fire_each_of_200_jobs_once(spawn, 
     wait_until(lambda: sum(all_fired(workers).values()) >= 200, 10)
     assert all_fired(workers) == Counter({n: 1 for n in names})
     assert sum(1 for w in workers if w.fired()) >= 3
+
+
+
+def test_a_replica_cut_off_while_another_joins_and_leaves_does_not_stall_the_others(
+        spawn, own_etcd, make_cron, namespace):
+    """Issue 6 defect 1: a and b are elected; a is frozen (SIGSTOP, well inside its lease) and
+    its connection cut (etcd restarts), then c joins and leaves, b acknowledges both, and etcd
+    compacts. a wakes to a watch that cannot resume and lists the keys again: no trace of c,
+    its membership as it was. b must be elected again with a, and every partition fire."""
+    a, b = spawn(2, lease_ttl=15, ids=["a", "b"], endpoint=own_etcd.endpoint)
+    wait_settled([a, b])
+    keys = Keys(namespace)
+    client = EtcdClient(own_etcd.endpoint)
+    producer = make_cron(print, endpoints=own_etcd.endpoint)
+
+    def total(replica_id: str) -> int | None:
+        kv = client.get(keys.leader(replica_id))
+        return stored_pb2.Leadership.FromString(kv.value).total if kv else None
+
+    try:
+        elections = len(b.elections())
+        frozen_at = time.monotonic()
+        a.signal(signal.SIGSTOP)
+        try:
+            own_etcd.restart()  # a's connection breaks: nothing c does reaches it
+            c = make_cron(print, replica_id="c", endpoints=own_etcd.endpoint, lease_ttl=15)
+            c.start()
+            wait_until(lambda: total("b") == 3, 10, message="b to acknowledge c joining")
+            c.stop()
+            wait_until(lambda: total("b") == 2, 10, message="b to acknowledge c leaving")
+            client.compact(client.current_revision())
+        finally:
+            a.signal(signal.SIGCONT)
+        frozen = time.monotonic() - frozen_at
+        print(f"\na was frozen for {frozen:.2f}s")
+        assert frozen < 15 - 2 - 15 / 3, "a was frozen for longer than its lease surely lasts"
+        wait_until(lambda: 2 in b.elections()[elections:], 20,
+                   message=lambda: f"b to be elected with a again (elections {b.elections()})")
+
+        names = [f"shot-{i:02d}" for i in range(20)]
+        bulk_add(producer, {n: Job(due_time="0s") for n in names})
+        wait_until(lambda: not producer.list(), 20, message="every one-shot to fire")
+        wait_until(lambda: sum(all_fired([a, b]).values()) >= 20, 10)
+        assert all_fired([a, b]) == Counter(names)
+        assert a.fired() and b.fired()
+    finally:
+        client.close()

@@ -9,7 +9,7 @@ import pytest
 
 from etcdcron import Cron, Job
 from etcdcron._etcd import EtcdClient
-from etcdcron.leadership import LeaseKeeper
+from etcdcron.lease import LeaseKeeper
 from etcdcron.testing import wait_until
 from tests.conftest import Calls
 
