@@ -1,45 +1,74 @@
-"""etcdcron's own etcd access layer: one gRPC channel, retries, paginated ranges, watches, leases.
+"""etcdcron's own etcd access layer: connections with failover, retries, paged ranges, watches,
+leases, TLS and user/password auth.
 
 The generated etcd stubs come from the ``etcd3`` package (``python3-etcd3``); everything else is
 here, because no Python etcd client survives a broken stream or a restarting server as shipped
 (see ``DESIGN.md`` section 8).
 
-Thread safety: an :class:`EtcdClient` is shared by every thread of a :class:`~etcdcron.Cron`
-(gRPC channels are thread-safe). A :class:`WatchStream` or :class:`KeepAliveStream` is read by
-one thread; ``cancel()`` may be called from any thread.
+Threads: an :class:`EtcdClient` is shared by every thread of a :class:`~etcdcron.Cron`, and its
+connection by every client of the process with the same endpoints and TLS files. A
+:class:`WatchStream` or :class:`KeepAliveStream` is read by one thread; ``cancel()`` may be called
+from any thread. Nothing here starts a thread of its own except gRPC's (and a short-lived timer
+per lease keepalive, see :class:`KeepAliveStream`).
+
+Connections (:mod:`etcdcron._connection`): one gRPC channel per endpoint, calls going to one
+member at a time and moving on when it fails. Every call carries etcd's ``hasleader`` metadata,
+so a member without a leader answers ``UNAVAILABLE`` at once instead of stalling.
 
 Retries: unary calls are retried on transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-etcd's "too many requests", an expired auth token) with capped exponential backoff and full
-jitter, until the call's deadline passes or its stop event is set.
+etcd's "too many requests", an expired or outdated auth token) with capped exponential backoff
+and full jitter, until the call's deadline passes or its stop event is set. A write that must not
+happen twice (:meth:`EtcdClient.txn_once`) looks up etcd's history before it is sent again.
+
+Secrets: the password is sent only in the ``Authenticate`` request, which is built where no
+exception can keep it; the locals of every frame a gRPC error passed through are cleared before
+the error goes on, so neither the password nor the auth token reaches a traceback.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
+import math
 import queue
 import random
-import socket
+import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Callable
+import traceback
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
-from etcd3.etcdrpc import rpc_pb2_grpc as rpc_grpc
+from google.protobuf import unknown_fields
 
-from etcdcron.errors import EtcdError, EtcdUnavailableError
+from etcdcron._connection import (
+    ConnectionSpec,
+    Connection,
+    Endpoint,
+    Link,
+    Method,
+    Service,
+    Token,
+    check_credentials,
+    check_timeout,
+    connections,
+)
+from etcdcron.errors import EtcdError, EtcdUnavailableError, ValidationError
 from etcdcron.keys import prefix_end
 
 __all__ = [
     "EtcdClient",
+    "connect",
+    "ConnectionSpec",
+    "Endpoint",
     "Compacted",
     "Stopped",
     "WatchStream",
     "KeepAliveStream",
     "Backoff",
+    "PageSizer",
     "cmp_mod",
     "cmp_create",
     "op_put",
@@ -50,26 +79,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 1000
-
-_CHANNEL_OPTIONS = [
-    # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    # Notice a frozen or unreachable server on an idle stream; etcd allows pings every 5 s.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # A watch replay after a long outage can exceed gRPC's 4 MiB default.
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-]
+#: The first attempt of a call on a connection with several endpoints may take this long before
+#: it is given up as a frozen member's (and retried on the next); each retry gets twice as long,
+#: up to the client's request timeout.
+FIRST_ATTEMPT_TIMEOUT = 2.0
+#: A lease keepalive not answered within this many seconds counts as a failure of its member.
+KEEPALIVE_ANSWER_TIMEOUT = 3.0
+#: How often a call waiting on etcd looks at its stop event (seconds).
+_STOP_POLL = 0.1
+#: Ops per read-only transaction when looking through a key's history (etcd's --max-txn-ops
+#: defaults to 128).
+_HISTORY_BATCH = 100
+#: How recent (seconds) the last revision this client saw must be to serve as the "before"
+#: revision of a write that must not happen twice; older, it is read afresh first.
+_FRESH_REVISION = 1.0
+#: etcd's metadata asking a member to refuse a request at once while it has no leader.
+_REQUIRE_LEADER = ("hasleader", "true")
 
 
 class Stopped(Exception):
-    """The stop event of a call was set while it waited to retry."""
+    """The stop event of a call was set while it waited."""
 
 
 class Compacted(Exception):
@@ -102,8 +131,9 @@ def op_delete(key: bytes, range_end: bytes = b"") -> rpc.RequestOp:
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=range_end))
 
 
-def op_range(key: bytes, range_end: bytes = b"") -> rpc.RequestOp:
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end))
+def op_range(key: bytes, range_end: bytes = b"", revision: int = 0) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=range_end,
+                                                        revision=revision))
 
 
 def op_txn(
@@ -117,7 +147,7 @@ def op_txn(
     )
 
 
-# -- retries --------------------------------------------------------------------------------------
+# -- errors and retries ---------------------------------------------------------------------------
 
 
 class Backoff:
@@ -141,17 +171,37 @@ _TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 
 
 def is_transient(exc: grpc.RpcError) -> bool:
-    """Whether retrying the same request may succeed."""
+    """Whether retrying the same request may succeed (auth token errors aside)."""
     code = exc.code()
     if code in _TRANSIENT_CODES:
         return True
     details = exc.details() or ""
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in details
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "too many requests" in details
+    # etcd's own timeout of a proposal on a member that lost its leader
+    return code == grpc.StatusCode.UNKNOWN and "context deadline exceeded" in details
 
 
 def is_token_error(exc: grpc.RpcError) -> bool:
+    """Whether etcd refused the auth token: expired, unknown to this member, or issued before the
+    last change of users or roles (``auth: revision in header is old``). A new token fixes it."""
     details = exc.details() or ""
-    return exc.code() == grpc.StatusCode.UNAUTHENTICATED and "auth token" in details
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and "auth token" in details:
+        return True
+    return "revision in header is old" in details or "revision of auth store is old" in details
+
+
+def _surely_not_applied(exc: grpc.RpcError) -> bool:
+    """Whether a failed write was certainly refused before etcd could apply it."""
+    details = exc.details() or ""
+    return is_token_error(exc) or "too many requests" in details
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """Whether a failed attempt is worth another: transient, a refused token (fetched again), or
+    cut short by the retirement of its channel."""
+    return is_transient(exc) or is_token_error(exc) or (
+        exc.code() == grpc.StatusCode.CANCELLED and getattr(exc, "retired", False))
 
 
 def wrap_rpc_error(exc: grpc.RpcError, what: str) -> EtcdError:
@@ -162,67 +212,197 @@ def wrap_rpc_error(exc: grpc.RpcError, what: str) -> EtcdError:
     return cls(f"etcd {what} failed: {name}: {details}", code=code, details=details)
 
 
-# -- endpoints ------------------------------------------------------------------------------------
+def _scrub(exc: BaseException) -> None:
+    """Clear the locals of the finished frames ``exc`` passed through (requests, metadata: the
+    password and the auth token), so no traceback of it shows them."""
+    traceback.clear_frames(exc.__traceback__)
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:
-    """``(host, port, tls)`` of ``host:port``, ``http://host:port`` or ``https://host:port``."""
-    text = endpoint.strip()
-    tls = False
-    for scheme, secure in (("https://", True), ("http://", False)):
-        if text.startswith(scheme):
-            text, tls = text[len(scheme):], secure
-    text = text.rstrip("/")
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"etcd endpoint {endpoint!r} is not host:port")
-    return host.strip("[]"), int(port), tls
+class _Retry:
+    """The time budget of one call: its deadline, stop event and backoff.
 
-
-def build_target(endpoints: Sequence[str]) -> tuple[str, bool, str | None]:
-    """The gRPC target for ``endpoints``, whether any asks for TLS, and the TLS name override.
-
-    Several IP endpoints become one ``ipv4:``/``ipv6:`` target, so that one channel fails over
-    between them; several host names are resolved here to their addresses, and TLS checks the
-    certificate against the first host name.
+    :param deadline: ``time.monotonic()`` value after which to give up; ``None``: never.
     """
-    parsed = [_split_endpoint(e) for e in endpoints]
-    tls = any(secure for _, _, secure in parsed)
-    if len(parsed) == 1:
-        host, port, _ = parsed[0]
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), tls, None
-    addresses: list[tuple[str, int]] = []
-    override = None
-    for host, port, _ in parsed:
-        try:
-            ipaddress.ip_address(host)
-            addresses.append((host, port))
-        except ValueError:
-            override = override or host
-            for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-                addresses.append((info[4][0], port))
-    v6 = [a for a in addresses if ":" in a[0]]
-    if v6 and len(v6) == len(addresses):
-        return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in addresses), tls, override
-    v4 = [a for a in addresses if ":" not in a[0]]
-    return "ipv4:" + ",".join(f"{h}:{p}" for h, p in v4), tls, override
+
+    def __init__(self, deadline: float | None, stop: threading.Event | None,
+                 request_timeout: float, failover: bool):
+        self.deadline = deadline
+        self.stop = stop
+        self._request_timeout = request_timeout
+        self._failover = failover
+        self._backoff = Backoff()
+        self._attempts = 0
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped()
+
+    def attempt_timeout(self) -> float:
+        """The timeout of the next attempt; counts it."""
+        timeout = self._request_timeout
+        if self._failover:  # a frozen member is left in seconds, a slow cluster still answers
+            timeout = min(timeout, FIRST_ATTEMPT_TIMEOUT * 2 ** min(self._attempts, 10))
+        self._attempts += 1
+        if self.deadline is not None:
+            timeout = min(timeout, max(self.deadline - time.monotonic(), 0.05))
+        return timeout
+
+    def pause(self, exc: grpc.RpcError, what: str) -> None:
+        """Wait before the next attempt after ``exc``.
+
+        :raises EtcdError: describing ``exc`` if the deadline would pass first.
+        :raises Stopped: if the stop event is set meanwhile.
+        """
+        delay = self._backoff.next_delay()
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            raise wrap_rpc_error(exc, what) from exc
+        log.debug("etcd %s failed (%s); retrying in %.2fs", what, exc.code(), delay)
+        if self.stop is not None:
+            if self.stop.wait(delay):
+                raise Stopped() from exc
+        else:
+            time.sleep(delay)
+
+    def wait_for(self, event: threading.Event, what: str) -> None:
+        """Wait until ``event`` is set, within the deadline and until stopped."""
+        while True:
+            self.check_stop()
+            timeout = _STOP_POLL if self.stop is not None else None
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise EtcdUnavailableError(f"etcd {what} did not finish before the deadline",
+                                               code=grpc.StatusCode.DEADLINE_EXCEEDED)
+                timeout = left if timeout is None else min(timeout, left)
+            if event.wait(timeout):
+                return
+
+
+def _invoke(fn, request, timeout: float, metadata, stop: threading.Event | None):
+    """One attempt of a unary call; with a ``stop`` event, it is cancelled when that is set."""
+    if stop is None:
+        return fn(request, timeout=timeout, metadata=metadata)
+    future = fn.future(request, timeout=timeout, metadata=metadata)
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    while not done.wait(_STOP_POLL):
+        if stop.is_set():
+            future.cancel()
+            raise Stopped()
+    return future.result()
+
+
+def connect(*, endpoints=None, client=None, request_timeout: float | timedelta = 10.0,
+            ca_cert=None, cert_key=None, cert_cert=None, user=None, password=None) -> EtcdClient:
+    """The :class:`EtcdClient` for :class:`~etcdcron.Cron`'s connection options.
+
+    ``endpoints`` defaults to ``127.0.0.1:2379``. ``client`` is an existing, unauthenticated
+    ``etcd3`` client whose channel (and TLS) is reused; it excludes every other option but
+    ``request_timeout``.
+
+    :raises ValidationError: if an option is invalid, contradicts another, or would connect
+        with less TLS or auth than it asks for.
+    """
+    timeout = check_timeout(request_timeout)
+    if client is None:
+        return EtcdClient("127.0.0.1:2379" if endpoints is None else endpoints,
+                          request_timeout=timeout, ca_cert=ca_cert, cert_key=cert_key,
+                          cert_cert=cert_cert, user=user, password=password)
+    beside = [name for name, value in (("endpoints", endpoints), ("ca_cert", ca_cert),
+                                       ("cert_key", cert_key), ("cert_cert", cert_cert),
+                                       ("user", user), ("password", password))
+              if value is not None]
+    if beside:
+        raise ValidationError(f"give either client or {', '.join(beside)}, not both: client= "
+                              "reuses that client's channel and TLS as they are")
+    try:
+        channel = client.channel
+    except Exception as exc:  # an etcd3 client picks its channel when asked (and may fail)
+        raise ValidationError(f"client must be an etcd3 client with a usable .channel, "
+                              f"got {client!r} ({exc!r})") from None
+    if not isinstance(channel, grpc.Channel):
+        raise ValidationError(f"client must be an etcd3 client (with a .channel), got {client!r}")
+    if getattr(client, "metadata", None) or getattr(client, "call_credentials", None):
+        raise ValidationError(
+            "client is an etcd3 client that authenticated as a user; etcd3 clients keep the "
+            "token but not the password, so etcdcron could not renew the token when it expires "
+            "(--auth-token-ttl, 300 s by default) or when users and roles change; pass "
+            "endpoints=..., user=..., password=... (and the TLS options) instead")
+    return EtcdClient(channel=channel, request_timeout=timeout)
+
+
+# -- paging ---------------------------------------------------------------------------------------
+
+_TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+
+
+class PageSizer:
+    """The limit of each page of a listing.
+
+    etcd counts the rest of the range for every page, so many small pages cost far more than a
+    few large ones (measured on a million keys: 1,000 pages of 1,000 keys take 60 s, 100 of
+    10,000 take 7 s); but a page must fit the client's receive limit, whatever the records weigh.
+    So pages start at ``first`` keys, and after each page the limit becomes what fills
+    ``target_bytes`` at that page's bytes per key, growing at most ``growth`` times a page, up to
+    ``max_keys``. A page refused as larger than the receive limit shrinks the limit to what fits.
+
+    Pure: no etcd, no clock.
+    """
+
+    def __init__(self, target_bytes: int, *, first: int = 100, max_keys: int = 50_000,
+                 growth: int = 8):
+        self.target_bytes = max(1, target_bytes)
+        self.max_keys = max(1, max_keys)
+        self.growth = growth
+        self._limit = max(1, min(first, self.max_keys))
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def observe(self, keys: int, nbytes: int) -> None:
+        """A page of ``keys`` keys and ``nbytes`` bytes came back."""
+        if keys <= 0:
+            return
+        fits = int(self.target_bytes * keys / max(nbytes, 1))
+        self._limit = max(1, min(fits, self._limit * self.growth, self.max_keys))
+
+    def too_large(self, size: int | None, receive_limit: int) -> bool:
+        """A page of the current limit was ``size`` bytes (if known), over ``receive_limit``:
+        shrink. Returns ``False`` if a single key is already too large."""
+        if self._limit <= 1:
+            return False
+        ratio = receive_limit / size if size else 0.25
+        self._limit = max(1, min(self._limit - 1, int(self._limit * ratio * 0.8)))
+        return True
+
+
+def _too_large(exc: EtcdError) -> int | None:
+    """The size of a response refused as larger than the receive limit, ``0`` if unknown, or
+    ``None`` if ``exc`` is something else."""
+    if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or "larger than max" not in exc.details:
+        return None
+    match = _TOO_LARGE.search(exc.details)
+    return int(match.group(1)) if match else 0
 
 
 # -- the client -----------------------------------------------------------------------------------
 
 
 class EtcdClient:
-    """A thread-safe etcd v3 client over one gRPC channel.
+    """A thread-safe etcd v3 client over one (shared) connection.
 
-    :param endpoints: ``"host:port"``, a comma-separated string of them, or a list.
+    :param endpoints: ``"host:port"`` (or ``http://``/``https://`` ones), a comma-separated string
+        of them, or a list; tried in order, moving on when a member fails.
     :param request_timeout: how long a unary call may keep retrying, in seconds, unless the
         caller passes its own deadline.
     :param ca_cert: path of the CA certificate (PEM) that signs the server certificates; TLS.
     :param cert_key: path of the client key (PEM), with ``cert_cert`` for client TLS auth.
     :param cert_cert: path of the client certificate (PEM).
-    :param user: etcd user name (with ``password``); the token is refreshed when it expires.
-    :param channel: use this channel instead of opening one (not closed by :meth:`close`).
-    :param metadata: extra gRPC metadata sent with every call (e.g. an existing auth token).
+    :param user: etcd user name (with ``password``); the token is renewed when etcd refuses it.
+    :param channel: use this channel instead of opening any (not closed by :meth:`close`).
+    :param metadata: extra gRPC metadata sent with every call.
+    :raises ValidationError: if an option is invalid (see :class:`ConnectionSpec`).
     """
 
     def __init__(
@@ -238,112 +418,208 @@ class EtcdClient:
         channel: grpc.Channel | None = None,
         metadata: Iterable[tuple[str, str]] = (),
     ):
-        self.request_timeout = request_timeout
-        self._owns_channel = channel is None
+        self.request_timeout = check_timeout(request_timeout)
+        self._credentials = check_credentials(user, password)
         if channel is None:
-            channel = _channels.acquire(endpoints, ca_cert, cert_key, cert_cert)
-        self.channel = channel
+            spec = ConnectionSpec.parse(endpoints, ca_cert, cert_key, cert_cert)
+            if self._credentials is not None and not spec.tls:
+                log.info("etcd user %r authenticates without TLS: the password and every "
+                            "request travel in clear text", self._credentials.user)
+            self._conn = connections.acquire(spec)
+            # released by close(), or when this client is garbage collected unclosed
+            self._release = weakref.finalize(self, connections.release, self._conn)
+        else:
+            self._conn = Connection(None, channel)
+            self._release = None
         self._closed = False
-        self._kv = rpc_grpc.KVStub(channel)
-        self._watch = rpc_grpc.WatchStub(channel)
-        self._lease = rpc_grpc.LeaseStub(channel)
-        self._auth = rpc_grpc.AuthStub(channel)
-        self._maintenance = rpc_grpc.MaintenanceStub(channel)
-        self._base_metadata = tuple(metadata)
-        self._user, self._password = user, password
-        # Guards _token; the token is fetched lazily and again when etcd says it expired.
+        self._kv = Service(self._conn, "KV")
+        self._watch = Service(self._conn, "Watch")
+        self._lease = Service(self._conn, "Lease")
+        self._auth = Service(self._conn, "Auth")
+        self._maintenance = Service(self._conn, "Maintenance")
+        self._cluster = Service(self._conn, "Cluster")
+        self._base_metadata = (*tuple(metadata), _REQUIRE_LEADER)
+        # Guards _token, _token_pending and _token_generation. The token is fetched by one thread
+        # at a time (the others wait on _token_pending, within their own deadlines), never while
+        # holding the lock.
         self._token_lock = threading.Lock()
         self._token: str | None = None
+        self._token_pending: threading.Event | None = None
         self._token_generation = 0
+        # (revision, monotonic time) of the newest response header seen; written without a lock
+        # (a lost race keeps an older revision, which only makes txn_once look further back).
+        self._seen = (0, -math.inf)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel calls go to now."""
+        return self._conn.channel
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The endpoint calls go to now (``None`` on a caller's channel)."""
+        return self._conn.endpoint
 
     def close(self) -> None:
-        """Release the channel (closed once no client of this process uses it). Idempotent."""
-        if self._owns_channel and not self._closed:
-            self._closed = True
-            _channels.release(self.channel)
+        """Release the connection (closed once no client of this process uses it). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._release is not None:
+            self._release()
+
+    def __repr__(self) -> str:
+        return f"<EtcdClient {self._conn.endpoint or 'on a caller channel'}>"
 
     # -- auth ------------------------------------------------------------------------------------
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The metadata for the next call: the base metadata plus the current auth token.
+    def metadata(self, *, deadline: float | None = None,
+                 stop: threading.Event | None = None) -> tuple[tuple[str, str], ...]:
+        """The metadata for the next call or stream: base metadata plus the auth token.
 
         :raises grpc.RpcError: if etcd could not be reached to authenticate (transient).
         :raises EtcdError: if etcd refused the user name or password.
         """
-        if self._user is None:
-            return self._base_metadata
-        token = self._token  # the lock only for fetching one: every call comes through here
-        if token is None:
-            with self._token_lock:
-                if self._token is None:
-                    self._token = self._authenticate()
-                    self._token_generation += 1
-                token = self._token
-        # Plain metadata, not call credentials: those are refused on plaintext channels.
-        return self._base_metadata + (("token", token),)
+        retry = _Retry(deadline if deadline is not None else
+                       time.monotonic() + self.request_timeout, stop, self.request_timeout,
+                       self._conn.size > 1)
+        return self._metadata(self._token_for(retry))
 
-    def _authenticate(self) -> str:
+    def _metadata(self, token: str | None) -> tuple[tuple[str, str], ...]:
+        if token is None:
+            return self._base_metadata
+        # Plain metadata, not call credentials: those are refused on plaintext channels.
+        return (*self._base_metadata, ("token", token))
+
+    def _token_for(self, retry: _Retry) -> str | None:
+        """The auth token (``None`` without auth), fetched if there is none."""
+        if self._credentials is None:
+            return None
+        while True:
+            with self._token_lock:
+                if self._token is not None:
+                    return self._token
+                pending = self._token_pending
+                mine = pending is None
+                if mine:
+                    pending = self._token_pending = threading.Event()
+            if not mine:  # another thread is authenticating
+                retry.wait_for(pending, "authentication")
+                continue
+            token = None
+            try:
+                token = self._authenticate(retry)
+                return token
+            finally:
+                with self._token_lock:
+                    if token is not None:
+                        self._token = token
+                        self._token_generation += 1
+                    self._token_pending = None
+                pending.set()
+
+    def _authenticate(self, retry: _Retry) -> str:
+        """One ``Authenticate`` attempt within ``retry``'s deadline and stop event.
+
+        :raises grpc.RpcError: if it failed transiently (the caller retries).
+        :raises EtcdError: if etcd refused the credentials.
+        """
+        link = self._conn.link()
+        timeout = retry.attempt_timeout()
         try:
-            response = self._auth.Authenticate(
-                rpc.AuthenticateRequest(name=self._user, password=self._password or ""),
-                timeout=self.request_timeout,
-            )
+            response = _invoke(Method(self._conn, "Auth", "Authenticate").on(link),
+                               self._credentials.request(), timeout, self._base_metadata,
+                               retry.stop)
         except grpc.RpcError as exc:
+            _scrub(exc)
+            self._conn.failed(link, exc, timeout)
             if is_transient(exc):
                 raise
-            raise wrap_rpc_error(exc, f"authentication as {self._user!r}") from exc
-        return response.token
+            raise wrap_rpc_error(exc, f"authentication as {self._credentials.user!r}") from exc
+        return Token(response.token)
 
-    def _drop_token(self) -> None:
+    def _token_refused(self, token: str | None) -> None:
+        """etcd refused ``token``: drop it (unless another thread has fetched a newer one)."""
         with self._token_lock:
-            self._token = None
+            if self._token == token:
+                self._token = None
 
     # -- calls -----------------------------------------------------------------------------------
 
     def call(
         self,
-        method: Callable,
+        method: Method,
         request,
         what: str,
         *,
         deadline: float | None = None,
         stop: threading.Event | None = None,
         forever: bool = False,
+        settle: Callable[[_Retry], object] | None = None,
     ):
-        """Call a unary RPC, retrying transient failures.
+        """Call a unary RPC (``client._kv.Range`` and the like), retrying transient failures.
 
         :param deadline: ``time.monotonic()`` value after which to give up; by default
             ``request_timeout`` from now, or never with ``forever=True``.
         :param stop: give up (raising :class:`Stopped`) when this event is set.
+        :param settle: for a request that must not be applied twice: called before the request
+            is sent again after an attempt that may have been applied; its result, unless
+            :data:`RESEND`, is returned instead of sending it again.
         :raises EtcdUnavailableError: etcd kept failing transiently until the deadline.
         :raises EtcdError: etcd refused the request.
         :raises Stopped: ``stop`` was set.
         """
         if deadline is None and not forever:
             deadline = time.monotonic() + self.request_timeout
-        backoff = Backoff()
+        retry = _Retry(deadline, stop, self.request_timeout, self._conn.size > 1)
+        unsettled = False
         while True:
-            if stop is not None and stop.is_set():
-                raise Stopped()
-            attempt_timeout = self.request_timeout
-            if deadline is not None:
-                attempt_timeout = min(attempt_timeout, max(deadline - time.monotonic(), 0.05))
+            retry.check_stop()
+            if unsettled:
+                try:
+                    outcome = settle(retry)
+                except grpc.RpcError as exc:  # could not look yet: wait and look again
+                    _scrub(exc)
+                    if not _retryable(exc):
+                        raise wrap_rpc_error(exc, what) from exc
+                    retry.pause(exc, what)
+                    continue
+                if outcome is not RESEND:
+                    return outcome
+                unsettled = False
             try:
-                return method(request, timeout=attempt_timeout, metadata=self.metadata())
+                return self._attempt(method, request, retry)
             except grpc.RpcError as exc:
-                if is_token_error(exc):
-                    self._drop_token()
-                elif not is_transient(exc):
+                _scrub(exc)  # _attempt's frame too, now that it is finished (it held the token)
+                if not _retryable(exc):
                     raise wrap_rpc_error(exc, what) from exc
-                delay = backoff.next_delay()
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise wrap_rpc_error(exc, what) from exc
-                log.debug("etcd %s failed (%s); retrying in %.2fs", what, exc.code(), delay)
-                if stop is not None:
-                    if stop.wait(delay):
-                        raise Stopped() from exc
-                else:
-                    time.sleep(delay)
+                unsettled = settle is not None and not _surely_not_applied(exc)
+                retry.pause(exc, what)
+
+    def _attempt(self, method: Method, request, retry: _Retry):
+        """One attempt on the current link.
+
+        :raises grpc.RpcError: the attempt's failure, its frames scrubbed, the link's failover
+            done, a refused token dropped; ``exc.retired`` is set if the link was retired under
+            it.
+        """
+        token = self._token_for(retry)
+        link = self._conn.link()
+        timeout = retry.attempt_timeout()
+        try:
+            response = _invoke(method.on(link), request, timeout, self._metadata(token),
+                               retry.stop)
+        except grpc.RpcError as exc:
+            _scrub(exc)
+            if is_token_error(exc):
+                self._token_refused(token)
+            exc.retired = link.retired
+            self._conn.failed(link, exc, timeout)
+            raise
+        header = getattr(response, "header", None)
+        if header is not None and header.revision > self._seen[0]:
+            self._seen = (header.revision, time.monotonic())
+        return response
 
     def range(self, key: bytes, range_end: bytes = b"", *, revision: int = 0, limit: int = 0,
               keys_only: bool = False, count_only: bool = False, **kw) -> rpc.RangeResponse:
@@ -369,6 +645,76 @@ class EtcdClient:
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         return self.call(self._kv.Txn, request, "transaction", **kw)
 
+    def txn_once(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
+                 failure: Sequence[rpc.RequestOp] = (), *, witness: tuple[bytes, bytes],
+                 **kw) -> rpc.TxnResponse | None:
+        """A transaction applied at most once, although retried.
+
+        etcd may apply a request whose answer never arrives (a timeout, a member lost, a leader
+        change). Before such a request is sent again, etcd's history is looked through: if
+        ``witness`` — a key and a value unique to this request that its success branch puts —
+        was put since before the first attempt, the transaction was applied and is not sent
+        again, even if the key has since been changed or deleted (a one-shot job that fired).
+
+        Not covered: an attempt held up on its way to etcd (in a frozen member's socket, or a
+        network delaying it for longer than the attempt's timeout) that arrives after the look
+        into the history found nothing and the transaction was sent again; it is then applied
+        twice. Closing that needs a fence key that every attempt compares and that is written
+        before sending again.
+
+        :returns: the response, or ``None`` if the transaction was applied but its answer lost.
+        :raises EtcdError: as :meth:`call`; also if the history needed was compacted away.
+        """
+        key, value = witness
+        kw.setdefault("deadline", None if kw.get("forever") else
+                      time.monotonic() + self.request_timeout)
+        since = self._revision_before_write(key, kw)
+        request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
+
+        def settle(retry: _Retry):
+            return None if self._put_since(key, value, since, retry) else RESEND
+
+        return self.call(self._kv.Txn, request, "transaction", settle=settle, **kw)
+
+    def _revision_before_write(self, key: bytes, kw: dict) -> int:
+        """A revision etcd had reached before the write about to be sent."""
+        revision, seen_at = self._seen
+        if time.monotonic() - seen_at <= _FRESH_REVISION:
+            return revision
+        return self.range(key, count_only=True, **kw).header.revision
+
+    def _put_since(self, key: bytes, value: bytes, since: int, retry: _Retry) -> bool:
+        """Whether ``key`` was set to ``value`` at some revision after ``since``.
+
+        :raises grpc.RpcError: if etcd failed transiently (the caller looks again later).
+        :raises EtcdError: if the history after ``since`` was compacted.
+        """
+        now = self._attempt(self._kv.Range, rpc.RangeRequest(key=key), retry)
+        kv = now.kvs[0] if now.kvs else None
+        if kv is not None and (kv.value == value or kv.mod_revision <= since):
+            return kv.value == value
+        # Changed or gone since: read the key at every revision in between (~140k revisions/s).
+        end = now.header.revision
+        for start in range(since + 1, end + 1, _HISTORY_BATCH):
+            revisions = range(start, min(start + _HISTORY_BATCH, end + 1))
+            request = rpc.TxnRequest(success=[op_range(key, revision=r) for r in revisions])
+            try:
+                history = self._attempt(self._kv.Txn, request, retry)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    raise EtcdError(
+                        f"etcd compacted the history needed to tell whether a write to {key!r} "
+                        f"was applied before its answer was lost: {exc.details()}",
+                        code=exc.code(), details=exc.details() or "") from exc
+                raise
+            for reply in history.responses:
+                kvs = reply.response_range.kvs
+                if kvs and kvs[0].value == value:
+                    return True
+        log.debug("a write to %r was not applied before its answer was lost; sending it again",
+                  key)
+        return False
+
     def compact(self, revision: int, **kw) -> None:
         self.call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True),
                   "compact", **kw)
@@ -376,19 +722,37 @@ class EtcdClient:
     def current_revision(self, **kw) -> int:
         return self.range(b"\0", count_only=True, **kw).header.revision
 
-    def iter_prefix(self, prefix: bytes, *, revision: int = 0, page_size: int = DEFAULT_PAGE_SIZE,
+    def iter_prefix(self, prefix: bytes, *, revision: int = 0, page_size: int = 100,
                     keys_only: bool = False, **kw) -> Iterator[tuple[int, list]]:
         """Page through every key under ``prefix`` at one revision.
 
         Yields ``(revision, kvs)`` per page, in key order. The first page fixes the revision
-        (the current one unless ``revision`` is given) and every later page reads at it.
+        (the current one unless ``revision`` is given) and every later page reads at it. Pages
+        start at ``page_size`` keys and adapt (see :class:`PageSizer`).
+
+        :raises EtcdError: also if a single key is larger than the receive limit.
         """
         end = prefix_end(prefix)
         key = prefix
+        receive_limit = self._conn.spec.max_receive_bytes if self._conn.spec else 4 << 20
+        pages = PageSizer(min(8 << 20, receive_limit // 4), first=page_size)
         while True:
-            response = self.range(key, end, revision=revision, limit=page_size,
-                                  keys_only=keys_only, **kw)
+            try:
+                response = self.range(key, end, revision=revision, limit=pages.limit,
+                                      keys_only=keys_only, **kw)
+            except EtcdError as exc:
+                size = _too_large(exc)
+                if size is None:
+                    raise
+                if not pages.too_large(size, receive_limit):
+                    raise EtcdError(f"a key under {prefix!r} is larger than this client's "
+                                    f"receive limit of {receive_limit} bytes",
+                                    code=exc.code, details=exc.details) from exc
+                log.info("a page of %r was too large (%s); reading %d keys a page",
+                         prefix, exc.details, pages.limit)
+                continue
             revision = response.header.revision if revision == 0 else revision
+            pages.observe(len(response.kvs), response.ByteSize())
             yield revision, list(response.kvs)
             if not response.more or not response.kvs:
                 return
@@ -426,75 +790,16 @@ class EtcdClient:
         return WatchStream(self, key, range_end, start_revision)
 
 
-def _open_channel(endpoints: Sequence[str], ca_cert, cert_key, cert_cert) -> grpc.Channel:
-    target, tls, override = build_target(endpoints)
-    options = list(_CHANNEL_OPTIONS)
-    if len(endpoints) > 1:
-        options.append(("grpc.lb_policy_name", "pick_first"))
-    if tls or ca_cert or cert_cert:
-        root = _read(ca_cert)
-        key, chain = _read(cert_key), _read(cert_cert)
-        credentials = grpc.ssl_channel_credentials(root, key, chain)
-        if override:
-            options.append(("grpc.ssl_target_name_override", override))
-        return grpc.secure_channel(target, credentials, options=options)
-    return grpc.insecure_channel(target, options=options)
-
-
-class _ChannelPool:
-    """One gRPC channel per (endpoints, TLS files) in this process, shared by every client.
-
-    A process that runs several :class:`~etcdcron.Cron` (threads of a web worker, tests) then
-    holds one connection and one gRPC polling thread instead of one per Cron. Channels are
-    reference counted, and keyed by process id too, so a forked child never uses its parent's.
-    """
-
-    def __init__(self):
-        # Guards _entries: key -> [channel, users].
-        self._lock = threading.Lock()
-        self._entries: dict[tuple, list] = {}
-
-    def acquire(self, endpoints, ca_cert, cert_key, cert_cert) -> grpc.Channel:
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e.strip()]
-        endpoints = [e.strip() for e in endpoints]
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        key = (os.getpid(), tuple(endpoints), ca_cert, cert_key, cert_cert)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = [
-                    _open_channel(endpoints, ca_cert, cert_key, cert_cert), 0]
-            entry[1] += 1
-            return entry[0]
-
-    def release(self, channel: grpc.Channel) -> None:
-        with self._lock:
-            for key, entry in self._entries.items():
-                if entry[0] is channel:
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        del self._entries[key]
-                        channel.close()
-                    return
-
-
-_channels = _ChannelPool()
-
-
-def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as handle:
-        return handle.read()
+#: What a ``settle`` callback of :meth:`EtcdClient.call` returns to have the request sent again.
+RESEND = object()
 
 
 # -- streams --------------------------------------------------------------------------------------
 
 
 class _RequestQueue:
-    """The request side of a bidirectional stream: gRPC's own thread drains it."""
+    """The request side of a bidirectional stream: gRPC's own thread drains it, so it must be
+    closed when the stream ends, or that thread waits on it forever."""
 
     _END = object()
 
@@ -515,13 +820,36 @@ class _RequestQueue:
             yield item
 
 
+#: ``WatchCreateRequest.fragment = true`` (field 8, etcd >= 3.4; the ``etcd3`` package's protos
+#: predate it): etcd then splits a response larger than its request limit into fragments instead
+#: of sending one message no receive limit may fit (a replay of many large events).
+_FRAGMENT_REQUEST = b"\x40\x01"
+#: ``WatchResponse.fragment`` (field 7), likewise unknown to those protos.
+_FRAGMENT_FIELD = 7
+
+
+def _is_fragment(response: rpc.WatchResponse) -> bool:
+    """Whether more of the same response follows in the next message."""
+    return any(field.field_number == _FRAGMENT_FIELD and field.data
+               for field in unknown_fields.UnknownFieldSet(response))
+
+
+def _stream_ended(exc: grpc.RpcError) -> bool:
+    """Whether a stream was ended under us (cancelled, or reset by a server shutting down) rather
+    than refused: resuming it is safe."""
+    code = exc.code()
+    return code == grpc.StatusCode.CANCELLED or (
+        code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or ""))
+
+
 class WatchStream:
     """One ``Watch`` RPC on ``[key, range_end)`` from ``start_revision``, resumed on failure.
 
-    Iterating yields lists of events (``mvccpb.Event``), each list from one watch response, and
-    reconnects by itself (with backoff) after the stream breaks, from the revision after the last
-    one it delivered. It raises :class:`Compacted` when the revision to resume from is gone, and
-    ends once :meth:`cancel` was called.
+    Iterating yields lists of events (``mvccpb.Event``), each list from one watch response
+    (a response etcd splits into fragments is put together again first), and reconnects by itself
+    (with backoff, on the next endpoint if the member failed) after the stream breaks, from the
+    revision after the last one it delivered. It raises :class:`Compacted` when the revision to
+    resume from is gone, and ends once :meth:`cancel` was called.
 
     :ivar next_revision: the revision the stream would resume from.
     """
@@ -530,7 +858,7 @@ class WatchStream:
         self._client = client
         self._key, self._range_end = key, range_end
         self.next_revision = start_revision
-        # Guards _call and _cancelled: cancel() may run on another thread than the reader.
+        # Guards _call and _requests: cancel() may run on another thread than the reader.
         self._lock = threading.Lock()
         self._call = None
         self._requests: _RequestQueue | None = None
@@ -545,51 +873,78 @@ class WatchStream:
         if call is not None:
             call.cancel()
 
-    def _open(self):
+    def _open(self, link: Link, metadata) -> tuple[object, _RequestQueue] | None:
         requests = _RequestQueue()
-        requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=self._key, range_end=self._range_end, start_revision=self.next_revision,
-            progress_notify=True)))
-        call = self._client._watch.Watch(iter(requests), metadata=self._client.metadata())
+        create = rpc.WatchCreateRequest(key=self._key, range_end=self._range_end,
+                                        start_revision=self.next_revision, progress_notify=True)
+        create.MergeFromString(_FRAGMENT_REQUEST)
+        requests.put(rpc.WatchRequest(create_request=create))
+        call = link.stubs["Watch"].Watch(iter(requests), metadata=metadata)
         with self._lock:
             if self._cancelled.is_set():
                 requests.close()
                 call.cancel()
                 return None
             self._call, self._requests = call, requests
-        return call
+        return call, requests
 
     def __iter__(self) -> Iterator[list]:
         backoff = Backoff()
+        client = self._client
         while not self._cancelled.is_set():
+            link = requests = token = None
             try:
-                call = self._open()
-                if call is None:
+                retry = _Retry(None, self._cancelled, client.request_timeout, False)
+                token = client._token_for(retry)
+                link = client._conn.link()
+                opened = self._open(link, client._metadata(token))
+                if opened is None:
                     return
-                for response in call:
-                    if response.compact_revision:
-                        raise Compacted(response.compact_revision)
-                    if response.canceled:
-                        raise EtcdError(f"etcd cancelled the watch: {response.cancel_reason}",
-                                        details=response.cancel_reason)
-                    backoff.reset()
-                    if response.events:
-                        self.next_revision = response.events[-1].kv.mod_revision + 1
-                        yield list(response.events)
-                    elif not response.created:
-                        # A progress notification: everything up to header.revision was sent.
-                        self.next_revision = max(self.next_revision, response.header.revision + 1)
+                call, requests = opened
+                yield from self._read(call, token)
+            except Stopped:
+                return
             except grpc.RpcError as exc:
+                _scrub(exc)
                 if self._cancelled.is_set():
                     return
+                if link is not None:
+                    client._conn.failed(link, exc, None)
                 if is_token_error(exc):
-                    self._client._drop_token()
-                elif not is_transient(exc) and exc.code() != grpc.StatusCode.CANCELLED:
+                    client._token_refused(token)
+                elif not is_transient(exc) and not _stream_ended(exc):
                     raise wrap_rpc_error(exc, "watch") from exc
                 log.debug("watch on %r broke (%s); resuming from revision %d",
                           self._key, exc.code(), self.next_revision)
+            finally:
+                if requests is not None:
+                    requests.close()  # or gRPC's thread feeding this stream waits forever
             if self._cancelled.wait(backoff.next_delay()):
                 return
+
+    def _read(self, call, token: str | None) -> Iterator[list]:
+        fragments: list = []
+        for response in call:
+            if response.compact_revision:
+                raise Compacted(response.compact_revision)
+            if response.canceled:
+                if "permission denied" in response.cancel_reason:
+                    # also what etcd says to a token older than the last change of users or
+                    # roles: the next attempt (or listing) authenticates again
+                    self._client._token_refused(token)
+                raise EtcdError(f"etcd cancelled the watch: {response.cancel_reason}",
+                                details=response.cancel_reason)
+            if _is_fragment(response):
+                fragments.extend(response.events)
+                continue
+            events = fragments + list(response.events) if fragments else list(response.events)
+            fragments = []
+            if events:
+                self.next_revision = events[-1].kv.mod_revision + 1
+                yield events
+            elif not response.created:
+                # A progress notification: everything up to header.revision was sent.
+                self.next_revision = max(self.next_revision, response.header.revision + 1)
 
 
 class KeepAliveStream:
@@ -599,29 +954,89 @@ class KeepAliveStream:
     answer, where ``sent_at`` is the ``time.monotonic()`` of the request it answers and ``ttl``
     the lease's remaining seconds (0: the lease is gone). The iteration raises the
     ``grpc.RpcError`` that broke the stream, and ends after :meth:`cancel`.
+
+    A renewal not answered within :data:`KEEPALIVE_ANSWER_TIMEOUT` seconds (a frozen member: its
+    TCP connection stays open) counts as a failure of its member: the connection moves on to
+    the next endpoint and the stream breaks, so that the caller opens it again there before the
+    lease runs out.
     """
 
     def __init__(self, client: EtcdClient, lease_id: int):
+        self._client = client
         self._requests = _RequestQueue()
         self._lease_id = lease_id
         # Monotonic send times of unanswered requests, oldest first; etcd answers in order.
         self._sent: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = client._lease.LeaseKeepAlive(iter(self._requests),
-                                                  metadata=client.metadata())
+        # Guards _answered and _timer: the count of answers, and the watchdog of the last send.
+        self._lock = threading.Lock()
+        self._answered = 0
+        self._requested = 0
+        self._timer: threading.Timer | None = None
+        self._link = client._conn.link()
+        self._call = self._link.stubs["Lease"].LeaseKeepAlive(iter(self._requests),
+                                                              metadata=client.metadata())
 
     def send(self) -> None:
         self._sent.put(time.monotonic())
+        if self._client._conn.size > 1:  # with one member, a late answer is still the best hope
+            self._watch_answer()
         self._requests.put(rpc.LeaseKeepAliveRequest(ID=self._lease_id))
 
+    def _watch_answer(self) -> None:
+        timer = threading.Timer(KEEPALIVE_ANSWER_TIMEOUT, self._overdue)
+        timer.daemon = True
+        timer.name = "etcdcron-keepalive-watchdog"
+        with self._lock:
+            self._requested += 1
+            timer.args = (self._requested,)
+            previous, self._timer = self._timer, timer
+        if previous is not None:
+            previous.cancel()
+        timer.start()
+
+    def _overdue(self, request: int) -> None:
+        with self._lock:
+            if self._answered >= request:
+                return
+        error = _Overdue(f"no answer to a lease keepalive within {KEEPALIVE_ANSWER_TIMEOUT}s")
+        self._client._conn.failed(self._link, error, KEEPALIVE_ANSWER_TIMEOUT)
+        self._call.cancel()
+
     def cancel(self) -> None:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         self._requests.close()
         self._call.cancel()
 
     def __iter__(self) -> Iterator[tuple[float, int]]:
-        for response in self._call:
-            try:
-                sent_at = self._sent.get_nowait()
-            except queue.Empty:
-                sent_at = time.monotonic()
-            yield sent_at, response.TTL
+        try:
+            for response in self._call:
+                with self._lock:
+                    self._answered += 1
+                try:
+                    sent_at = self._sent.get_nowait()
+                except queue.Empty:
+                    sent_at = time.monotonic()
+                yield sent_at, response.TTL
+        except grpc.RpcError as exc:
+            _scrub(exc)
+            self._client._conn.failed(self._link, exc, None)
+            raise
+        finally:
+            self._requests.close()
 
+
+class _Overdue(grpc.RpcError):
+    """A keepalive answer that did not come in time (reported to the connection's failover)."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._details

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from google.protobuf.message import Message
 
 from etcdcron import options
-from etcdcron._etcd import EtcdClient
+from etcdcron._etcd import connect
 from etcdcron._pb import api_pb2
 from etcdcron.engine import Engine
 from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
@@ -87,8 +87,8 @@ class Cron:
         An exception counts as FAILED.
     :param namespace: the key prefix shared by the replicas (``NS/jobs/...``).
     :param endpoints: ``"host:port"``, a comma-separated string or a list of them.
-    :param client: an existing ``etcd3`` client whose channel and credentials are reused,
-        instead of ``endpoints``.
+    :param client: an existing ``etcd3`` client (not logged in as a user) whose channel and TLS
+        are reused, instead of ``endpoints`` and the TLS and auth options.
     :param replica_id: this replica's id in dynamic membership (default: unique); a second
         process with the same id waits passively and takes over when the first goes away.
     :param partition_id: static mode: this replica's partition (with ``partition_total``).
@@ -116,7 +116,8 @@ class Cron:
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
     :param cert_key: client key file for TLS client authentication.
     :param cert_cert: client certificate file for TLS client authentication.
-    :param user: etcd user (with ``password``); the auth token is renewed when it expires.
+    :param user: etcd user (with ``password``); the auth token is renewed whenever etcd refuses
+        it. See ``docs/security.rst``.
     :param clock: wall-clock seconds since the epoch (for tests; default ``time.time``).
     :raises ValidationError: if an option is invalid.
     """
@@ -176,24 +177,10 @@ class Cron:
         self._log = logger or log
         self._clock = options.check_clock(clock)
 
-        timeout = options.seconds("request_timeout", request_timeout, 0.001)
-        if client is not None:
-            if endpoints is not None:
-                raise ValidationError("give either endpoints or client, not both")
-            channel = getattr(client, "channel", None)
-            if channel is None:
-                raise ValidationError(f"client must be an etcd3 client (with a .channel), "
-                                      f"got {client!r}")
-            self._client = EtcdClient(channel=channel, request_timeout=timeout,
-                                      metadata=getattr(client, "metadata", None) or ())
-        else:
-            try:
-                self._client = EtcdClient(endpoints or "127.0.0.1:2379", request_timeout=timeout,
-                                          ca_cert=ca_cert, cert_key=cert_key,
-                                          cert_cert=cert_cert, user=user, password=password)
-            except (ValueError, OSError) as exc:
-                raise ValidationError(f"invalid etcd connection options: {exc}") from exc
         self._keys = Keys(namespace, self._log)
+        self._client = connect(endpoints=endpoints, client=client, request_timeout=request_timeout,
+                               ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert, user=user,
+                               password=password)
         self._store = Store(self._client, self._keys,
                             lambda: datetime.fromtimestamp(self._clock(), timezone.utc))
         self._staging = Staging(self._release_staged)

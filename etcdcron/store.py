@@ -14,7 +14,7 @@ from datetime import datetime
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf.message import DecodeError
 
-from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, op_delete, op_put, op_range
+from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, op_delete, op_put
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.errors import (
     EtcdCronError,
@@ -87,10 +87,15 @@ class Store:
         self._clock = clock
 
     def add(self, name: str, job: api_pb2.Job) -> stored_pb2.Job:
-        """Create or replace ``name``; a replaced job starts afresh (new version, no counter)."""
+        """Create or replace ``name``; a replaced job starts afresh (new version, no counter).
+
+        Applied at most once: a retry after a lost answer never writes the job again (the record
+        is unique to this call, so etcd's history tells whether it was written).
+        """
         record = prepare_job(name, job, self._clock())
-        self._client.txn([], [op_put(self._keys.job(name), record.SerializeToString()),
-                              op_delete(self._keys.counter(name))])
+        key, value = self._keys.job(name), record.SerializeToString()
+        self._client.txn_once([], [op_put(key, value), op_delete(self._keys.counter(name))],
+                              witness=(key, value))
         return record
 
     def add_many(self, jobs: Mapping[str, api_pb2.Job], batch: int = 100) -> None:
@@ -106,22 +111,20 @@ class Store:
             self._client.txn([], ops[start:start + batch])
 
     def add_if_not_exists(self, name: str, job: api_pb2.Job) -> stored_pb2.Job:
-        """Create ``name`` unless a job of that name exists, in one create-only transaction.
+        """Create ``name`` unless a job of that name exists, in one create-only transaction,
+        applied at most once (as :meth:`add`).
 
         :raises JobExistsError: if it exists.
         """
         record = prepare_job(name, job, self._clock())
         key, value = self._keys.job(name), record.SerializeToString()
-        response = self._client.txn(
+        response = self._client.txn_once(
             [cmp_create(key, 0)],
             [op_put(key, value), op_delete(self._keys.counter(name))],
-            [op_range(key)],
+            witness=(key, value),
         )
-        if not response.succeeded:
-            existing = response.responses[0].response_range.kvs
-            # A retried request whose first attempt was applied finds its own (unique) record.
-            if not (existing and existing[0].value == value):
-                raise JobExistsError(name)
+        if response is not None and not response.succeeded:
+            raise JobExistsError(name)
         return record
 
     def get(self, name: str) -> api_pb2.Job | None:

@@ -516,9 +516,10 @@ class EtcdProxy:
     """
 
     def __init__(self, target: str, *, buffer_size: int = 1024 * 1024):
-        from etcdcron._etcd import _split_endpoint
+        from etcdcron._connection import parse_endpoint
 
-        host, port, _ = _split_endpoint(target)
+        endpoint, _ = parse_endpoint(target)
+        host, port = endpoint.host, endpoint.port
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be positive, not {buffer_size!r}")
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -297,7 +297,7 @@ def test_stop_records_the_results_of_triggers_in_flight(make_cron, calls):
 
 def test_crons_of_one_process_share_a_channel_until_the_last_one_stops(make_cron, calls,
                                                                        monkeypatch):
-    from etcdcron import _etcd
+    from etcdcron import _connection
 
     first, second = make_cron(calls.add), make_cron(calls.add)
     assert first._client.channel is second._client.channel
@@ -306,7 +306,7 @@ def test_crons_of_one_process_share_a_channel_until_the_last_one_stops(make_cron
 
     first.stop()
     second.add("still-open", Job(due_time="1h"))  # the shared channel survives first.stop()
-    monkeypatch.setattr(_etcd.os, "getpid", lambda: -1)  # as in a forked child
+    monkeypatch.setattr(_connection.os, "getpid", lambda: -1)  # as in a forked child
     child = make_cron(calls.add)
     assert child._client.channel is not second._client.channel
     second.stop()
