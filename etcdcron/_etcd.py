@@ -218,6 +218,10 @@ def _scrub(exc: BaseException) -> None:
     traceback.clear_frames(exc.__traceback__)
 
 
+#: The shortest time left for one more attempt before a call's deadline.
+_LAST_ATTEMPT = 0.05
+
+
 class _Retry:
     """The time budget of one call: its deadline, stop event and backoff.
 
@@ -254,8 +258,12 @@ class _Retry:
         :raises Stopped: if the stop event is set meanwhile.
         """
         delay = self._backoff.next_delay()
-        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
-            raise wrap_rpc_error(exc, what) from exc
+        if self.deadline is not None:
+            # The last attempt goes out just before the deadline, not a backoff earlier.
+            left = self.deadline - time.monotonic() - _LAST_ATTEMPT
+            if left <= 0:
+                raise wrap_rpc_error(exc, what) from exc
+            delay = min(delay, left)
         log.debug("etcd %s failed (%s); retrying in %.2fs", what, exc.code(), delay)
         if self.stop is not None:
             if self.stop.wait(delay):

@@ -221,9 +221,6 @@ def test_too_many_requests_under_load_every_thread_survives_and_calls_keep_the_c
         cron.stop(timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: etcd 3.5 sends 'too many requests' (and a "
-                   "server-side 'context deadline exceeded') with code UNKNOWN, which "
-                   "_etcd.is_transient does not retry")
 def test_too_many_requests_is_retried_like_any_transient_error(backlog_etcd, namespace):
     """Writes refused with "too many requests" are retried until the request timeout; what
     reaches the user then is an EtcdUnavailableError, never an error raised at once."""
@@ -281,9 +278,6 @@ def test_calls_through_a_failing_link_keep_the_contract_and_the_replica_recovers
             cron.stop(timeout=15)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: Store.list gives each page its own "
-                   "request_timeout (EtcdClient.iter_prefix), so a slow link makes list() "
-                   "take pages x round trip")
 def test_a_paged_list_is_bounded_by_its_request_timeout(etcd, namespace):
     """``list()`` reads page by page; over a slow link, all its pages together must still
     answer within the request timeout (or raise), not one timeout per page."""
@@ -309,8 +303,6 @@ def test_a_paged_list_is_bounded_by_its_request_timeout(etcd, namespace):
             cron.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="defect: EtcdClient.call gives up as soon as its next "
-                   "backoff delay would cross the deadline, up to the 2 s cap before it")
 def test_a_call_through_a_cut_link_keeps_retrying_until_its_request_timeout(etcd, namespace):
     with EtcdProxy(etcd.endpoint) as proxy:
         cron = Cron(endpoints=proxy.endpoint, namespace=namespace, trigger=print,
