@@ -794,8 +794,9 @@ class EtcdClient:
     def keepalive(self, lease_id: int) -> KeepAliveStream:
         return KeepAliveStream(self, lease_id)
 
-    def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
-        return WatchStream(self, key, range_end, start_revision)
+    def watch(self, key: bytes, range_end: bytes, start_revision: int,
+              on_progress: Callable[[int], None] | None = None) -> WatchStream:
+        return WatchStream(self, key, range_end, start_revision, on_progress)
 
 
 #: What a ``settle`` callback of :meth:`EtcdClient.call` returns to have the request sent again.
@@ -859,13 +860,19 @@ class WatchStream:
     revision after the last one it delivered. It raises :class:`Compacted` when the revision to
     resume from is gone, and ends once :meth:`cancel` was called.
 
+    :param on_progress: called on the reading thread with the revision of each progress
+        notification (every event up to it was delivered, and consumed by the reader, since
+        the iteration resumes only once the reader is done with the last batch); see
+        :meth:`request_progress`.
     :ivar next_revision: the revision the stream would resume from.
     """
 
-    def __init__(self, client: EtcdClient, key: bytes, range_end: bytes, start_revision: int):
+    def __init__(self, client: EtcdClient, key: bytes, range_end: bytes, start_revision: int,
+                 on_progress: Callable[[int], None] | None = None):
         self._client = client
         self._key, self._range_end = key, range_end
         self.next_revision = start_revision
+        self._on_progress = on_progress
         # Guards _call and _requests: cancel() may run on another thread than the reader.
         self._lock = threading.Lock()
         self._call = None
@@ -880,6 +887,15 @@ class WatchStream:
             requests.close()
         if call is not None:
             call.cancel()
+
+    def request_progress(self) -> None:
+        """Ask etcd for a progress notification (any thread): once this stream has delivered
+        everything up to etcd's current revision, ``on_progress`` hears that revision. A
+        stream that is not open (reconnecting) asks nothing; ask again later."""
+        with self._lock:
+            requests = self._requests
+        if requests is not None:
+            requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     def _open(self, link: Link, metadata) -> tuple[object, _RequestQueue] | None:
         requests = _RequestQueue()
@@ -953,6 +969,8 @@ class WatchStream:
             elif not response.created:
                 # A progress notification: everything up to header.revision was sent.
                 self.next_revision = max(self.next_revision, response.header.revision + 1)
+                if self._on_progress is not None:
+                    self._on_progress(response.header.revision)
 
 
 class KeepAliveStream:

@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 REFUSED_RETRY_CAP = 10.0
 #: How long the end of a session may spend writing the NS/inflight/ keys of running triggers.
 HAND_OVER_TIMEOUT = 2.0
+#: How long a worker waits for one read barrier before it checks its session again.
+BARRIER_PATIENCE = 1.0
 
 
 @dataclass(slots=True)
@@ -547,14 +549,28 @@ class Engine:
                                       run=run))
 
     def _trigger_one(self, name: str, token: int, run: int) -> None:
+        since = time.monotonic()
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if (state is None or state.phase is not Phase.RUNNING or state.next is None
                     or state.run != run):
                 return
-            ownership = self.index.ownership
-            if ownership is None or not self._lease_valid(ownership.lease_generation):
+            ownership, tick = self.index.ownership, state.next.tick
+        if ownership is None or not self._await_fresh(ownership, since):
+            self._give_back(name, token, run, tick)
+            return
+        with self.index.lock:
+            state = self.index.get_locked(name, token)
+            if (state is None or state.phase is not Phase.RUNNING or state.next is None
+                    or state.run != run):
+                return  # deleted or replaced meanwhile: the barrier showed it
+            if self.index.ownership is not ownership or not self._lease_valid(
+                    ownership.lease_generation):
                 self._idle_locked(state)
+                return
+            if state.record.paused:  # paused meanwhile (the same version, rewritten)
+                self.index.set_phase_locked(state, Phase.PAUSED)
+                self._drained.notify_all()
                 return
             record, schedule, delivery = state.record, state.schedule, state.next
             job, tick = record.job, delivery.tick
@@ -585,6 +601,29 @@ class Engine:
             )
         else:
             self._finish(name, token, run, tick, ownership, value)
+
+    def _give_back(self, name: str, token: int, run: int, tick) -> None:
+        """The session ended before this replica could prove its view current: drop the
+        delivery without firing (a handed-over one releases its in-flight key)."""
+        with self.index.lock:
+            state = self.index.get_locked(name, token)
+            if state is not None and state.phase is Phase.RUNNING and state.run == run:
+                self._idle_locked(state)
+                return
+            handed = self._handed.get(name)
+            if handed is not None and handed.state.token == token and handed.state.run == run:
+                self.recorder.put(Outcome(name, token, handed.ownership, tick,
+                                          TriggerResult.UNDELIVERABLE, run=run))
+
+    def _await_fresh(self, ownership: Ownership, since: float) -> bool:
+        """Wait for a read barrier begun after ``since`` (see :class:`ReadBarrier`), as long as
+        the session lasts and its lease is valid."""
+        while not self.informer.barrier.wait(ownership, since, BARRIER_PATIENCE):
+            if (self._stop.is_set() or self.index.ownership is not ownership
+                    or not self._lease_valid(ownership.lease_generation)):
+                return False
+            self._stop.wait(0.05)
+        return True
 
     def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
                 value: object) -> None:

@@ -9,7 +9,10 @@ reconciles). It never calls user code and never blocks on anything but etcd.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 
@@ -20,9 +23,63 @@ from etcdcron.keys import Keys, prefix_end
 from etcdcron.store import list_jobs_and_counters
 from etcdcron.supervise import Loop
 
-__all__ = ["Informer"]
+__all__ = ["Informer", "ReadBarrier"]
 
 log = logging.getLogger(__name__)
+
+#: How often a read barrier asks the watch again for a progress notification.
+PROGRESS_EVERY = 0.2
+
+
+class ReadBarrier:
+    """Proves, before a trigger, that the engine has seen every job change etcd had committed
+    when the barrier began: so a job deleted or replaced, once ``delete()`` or ``add()``
+    returned, never fires again, however far behind the watch is (a slow link, a frozen
+    member); a replica that cannot prove it fires nothing until it can, or loses its lease.
+
+    Shared by the workers: one barrier runs at a time, run by the worker that needs it, and
+    answers every worker that began waiting before it started; so a burst of triggers costs
+    a few barriers, not one each.
+
+    :param check: ``check(ownership, timeout)`` runs one barrier.
+    """
+
+    def __init__(self, check: Callable[[Ownership, float], bool]):
+        self._check = check
+        # Guards _running and _passed: whether a barrier runs, and (ownership, monotonic start
+        # time) of the latest that passed; notified when one ends.
+        self._cond = threading.Condition(threading.Lock())
+        self._running = False
+        self._passed: tuple[Ownership | None, float] = (None, -math.inf)
+
+    def wait(self, ownership: Ownership, since: float, timeout: float) -> bool:
+        """Wait until a barrier that began at or after ``since`` passed for ``ownership``.
+
+        :returns: False if ``timeout`` seconds passed first, or the barrier this call ran
+            failed (etcd could not be read, or the session ended).
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._passed[0] is ownership and self._passed[1] >= since):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self._running:
+                    self._cond.wait(left)
+                    continue
+                self._running, started = True, time.monotonic()
+                self._cond.release()
+                try:
+                    passed = self._check(ownership, left)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                if not passed:
+                    return False
+                if self._passed[0] is not ownership or started > self._passed[1]:
+                    self._passed = (ownership, started)
+            return True
 
 
 class Informer:
@@ -43,6 +100,9 @@ class Informer:
         self._cond = threading.Condition(threading.Lock())
         self._ownership: Ownership | None = None
         self._stream: WatchStream | None = None
+        # Every job change up to this revision is applied to the engine, for _ownership.
+        self._applied = 0
+        self.barrier = ReadBarrier(self._fresh)
         self.loop = Loop("etcdcron-watch", self._run, stopping=stop.is_set, wait=stop.wait,
                          logger=self._log)
         self.thread = self.loop.thread
@@ -52,13 +112,14 @@ class Informer:
 
     def activate(self, ownership: Ownership) -> None:
         with self._cond:
-            self._ownership = ownership
+            self._ownership, self._applied = ownership, 0
             self._cond.notify_all()
 
     def deactivate(self) -> None:
         with self._cond:
-            self._ownership = None
+            self._ownership, self._applied = None, 0
             stream, self._stream = self._stream, None
+            self._cond.notify_all()
         if stream is not None:
             stream.cancel()
 
@@ -94,9 +155,11 @@ class Informer:
 
     def _follow(self, ownership: Ownership, loop: Loop) -> None:
         revision = self._load(ownership)
+        self._applied_to(ownership, revision)
         loop.progress()
         stream = self._client.watch(self._keys.inflight, prefix_end(self._keys.jobs),
-                                    revision + 1)
+                                    revision + 1,
+                                    on_progress=lambda rev: self._applied_to(ownership, rev))
         with self._cond:
             if self._ownership is not ownership:
                 stream.cancel()
@@ -104,7 +167,36 @@ class Informer:
             self._stream = stream
         for events in stream:
             self._engine.apply_events(ownership, events)
+            self._applied_to(ownership, events[-1].kv.mod_revision)
             loop.progress()
+
+    def _applied_to(self, ownership: Ownership, revision: int) -> None:
+        with self._cond:
+            if self._ownership is ownership and revision > self._applied:
+                self._applied = revision
+                self._cond.notify_all()
+
+    def _fresh(self, ownership: Ownership, timeout: float) -> bool:
+        """One read barrier (a worker's thread): read etcd's current revision R linearizably,
+        then wait until every job change up to R is applied (asking the watch for a progress
+        notification, again every :data:`PROGRESS_EVERY` seconds).
+
+        :returns: False if ``timeout`` passes first or the session ends.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            revision = self._client.current_revision(deadline=deadline, stop=self._stop)
+        except (EtcdError, Stopped):
+            return False
+        with self._cond:
+            while self._ownership is ownership and self._applied < revision:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self._stream is not None:
+                    self._stream.request_progress()
+                self._cond.wait(min(PROGRESS_EVERY, left))
+            return self._ownership is ownership
 
     def _load(self, ownership: Ownership) -> int:
         """List jobs, counters and in-flight keys at one revision and hand them to the engine;

@@ -15,13 +15,6 @@ from tests.chaos.run import ChaosRun, Settings
 
 pytestmark = [pytest.mark.etcd, pytest.mark.cluster, pytest.mark.slow]
 
-#: Metrics that fail because of a defect known and reproduced on its own (the test named);
-#: a run failing on these alone is an expected failure. Remove an entry with its fix.
-KNOWN_DEFECTS = {
-    "fired after delete/replace ack":
-        "tests/test_chaos_findings.py::test_a_job_never_fires_after_its_delete_or_replace_was_"
-        "acknowledged",
-}
 
 
 @pytest.mark.timeout(900)
@@ -32,7 +25,4 @@ def test_a_chaos_run_misses_nothing_and_fires_nothing_early_or_stale(tmp_path):
     print(f"chaos seed {seed} ({seconds:g} s of faults), run directory {out}")
     report = ChaosRun(Settings(seconds=seconds, seed=seed), out).execute()
     failing = {m: report.counts[m] for m in Report.MUST_BE_ZERO if report.counts.get(m)}
-    if failing and set(failing) <= set(KNOWN_DEFECTS):
-        pytest.xfail(f"seed {seed}: only known defects: "
-                     + "; ".join(f"{m} = {n} (see {KNOWN_DEFECTS[m]})" for m, n in failing.items()))
     assert not failing, f"seed {seed} (replay: CHAOS_SEED={seed}):\n{render(report, out)}"

@@ -13,9 +13,6 @@ from etcdcron.testing import EtcdProxy, wait_until
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: the engine triggers from its in-memory index, "
-                   "which may lag etcd (a slow or silent link, a frozen member) for as long as "
-                   "the lease stays valid; nothing fences the trigger against a newer version")
 @pytest.mark.parametrize("change", ["delete", "replace"])
 def test_a_job_never_fires_after_its_delete_or_replace_was_acknowledged(etcd, namespace, change):
     """chaos seeds 2, 3 and 4: an old version fired 14-150 ms after the change returned, on a
