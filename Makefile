@@ -6,11 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PROTO_VENV ?= .venv-proto
 
-<<<<<<< HEAD
-.PHONY: all install demo test test-unit bench docs proto check-protobuf clean
-=======
-.PHONY: all install demo test test-unit bench chaos proto check-protobuf clean
->>>>>>> chaos
+.PHONY: all install demo test test-unit bench docs chaos proto check-protobuf clean
 
 all: test
 
@@ -33,12 +29,11 @@ test-unit: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PY) bench/run.py
 
-<<<<<<< HEAD
 # The Sphinx docs, warnings as errors, into build/docs/html (tests/test_docs.py builds them too).
 docs: $(VENV)/.installed-docs
 	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
 	@echo "docs: build/docs/html/index.html"
-=======
+
 # One chaos run (tests/chaos): a 3-member etcd, replica processes behind fault proxies, seeded
 # overlapping faults, and the audit of every trigger; exits 0 only if nothing was lost.
 # make chaos CHAOS_SECONDS=120 CHAOS_SEED=1234 (a random seed by default; it is printed).
@@ -46,7 +41,6 @@ CHAOS_SECONDS ?= 120
 CHAOS_SEED ?=
 chaos: $(VENV)/.installed-test
 	$(PY) -m tests.chaos --seconds $(CHAOS_SECONDS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_ARGS)
->>>>>>> chaos
 
 # Regenerates etcdcron/_pb from protos/ with the pinned protoc of grpcio-tools (its output needs
 # protobuf >= 5.29 at run time, the oldest the package declares).
