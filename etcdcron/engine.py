@@ -80,6 +80,9 @@ HAND_OVER_TIMEOUT = 2.0
 #: How long a worker waits for one read barrier before it checks its session again.
 BARRIER_PATIENCE = 1.0
 
+# The delivery a worker thread is running (fresh_as_of: see _trigger_one).
+_delivery = threading.local()
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -556,7 +559,8 @@ class Engine:
                     or state.run != run):
                 return
             ownership, tick = self.index.ownership, state.next.tick
-        if ownership is None or not self._await_fresh(ownership, since):
+        fresh = None if ownership is None else self._await_fresh(ownership, since)
+        if fresh is None:
             self._give_back(name, token, run, tick)
             return
         with self.index.lock:
@@ -588,6 +592,9 @@ class Engine:
             request.metadata.CopyFrom(job.metadata)
         if job.HasField("payload"):
             request.payload.CopyFrom(job.payload)
+        # For tests that audit deliveries (tests/chaos): as of when this delivery was known
+        # current, in wall-clock seconds.
+        _delivery.fresh_as_of = time.time() - (time.monotonic() - fresh)
         try:
             value = self._trigger(request)
         except BaseException as exc:  # noqa: BLE001 - SystemExit or a gevent Timeout too
@@ -615,15 +622,15 @@ class Engine:
                 self.recorder.put(Outcome(name, token, handed.ownership, tick,
                                           TriggerResult.UNDELIVERABLE, run=run))
 
-    def _await_fresh(self, ownership: Ownership, since: float) -> bool:
+    def _await_fresh(self, ownership: Ownership, since: float) -> float | None:
         """Wait for a read barrier begun after ``since`` (see :class:`ReadBarrier`), as long as
-        the session lasts and its lease is valid."""
-        while not self.informer.barrier.wait(ownership, since, BARRIER_PATIENCE):
+        the session lasts and its lease is valid; returns the monotonic time it began."""
+        while (began := self.informer.barrier.wait(ownership, since, BARRIER_PATIENCE)) is None:
             if (self._stop.is_set() or self.index.ownership is not ownership
                     or not self._lease_valid(ownership.lease_generation)):
-                return False
+                return None
             self._stop.wait(0.05)
-        return True
+        return began
 
     def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
                 value: object) -> None:

@@ -52,18 +52,19 @@ class ReadBarrier:
         self._running = False
         self._passed: tuple[Ownership | None, float] = (None, -math.inf)
 
-    def wait(self, ownership: Ownership, since: float, timeout: float) -> bool:
+    def wait(self, ownership: Ownership, since: float, timeout: float) -> float | None:
         """Wait until a barrier that began at or after ``since`` passed for ``ownership``.
 
-        :returns: False if ``timeout`` seconds passed first, or the barrier this call ran
-            failed (etcd could not be read, or the session ended).
+        :returns: the monotonic time that barrier began (its proof covers every change
+            acknowledged before it); ``None`` if ``timeout`` seconds passed first, or the
+            barrier this call ran failed (etcd could not be read, or the session ended).
         """
         deadline = time.monotonic() + timeout
         with self._cond:
             while not (self._passed[0] is ownership and self._passed[1] >= since):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return False
+                    return None
                 if self._running:
                     self._cond.wait(left)
                     continue
@@ -76,10 +77,10 @@ class ReadBarrier:
                     self._running = False
                     self._cond.notify_all()
                 if not passed:
-                    return False
+                    return None
                 if self._passed[0] is not ownership or started > self._passed[1]:
                     self._passed = (ownership, started)
-            return True
+            return self._passed[1]
 
 
 class Informer:

@@ -70,8 +70,8 @@ class Story:
         self._change(at, "delete", f"{NS}/jobs/{name}")
 
     def fire(self, at: float, name: str, version: str, result: str = "S",
-             replica: str = "r0.1") -> None:
-        self.deliveries.append(Delivery(at, name, version, result, replica))
+             replica: str = "r0.1", fresh: float | None = None) -> None:
+        self.deliveries.append(Delivery(at, name, version, result, replica, fresh))
 
     def every(self, name: str, version: str, ticks: int, *, late: float = 0.01,
               finish: bool = True) -> None:
@@ -259,6 +259,19 @@ def test_a_delivery_after_the_replace_was_acknowledged_is_reported():
     report = story.audit(cut=T0 + 20)
     assert report.counts["fired after delete/replace ack"] == 1
     assert report.counts.get("missed ticks", 0) == 0
+
+
+def test_a_delivery_proven_current_before_the_ack_raced_it_and_one_proven_after_is_stale():
+    story = Story()
+    story.put_job(T0 - 5, "a", "v1", due=T0 + 1)
+    story.calls.append(Call("delete", "a", None, T0 + 0.9, T0 + 1.0, True))
+    story.delete_job(T0 + 0.95, "a")
+    story.fire(T0 + 1.01, "a", "v1", fresh=T0 + 0.99)  # its barrier began before the ack
+    report = story.audit(cut=T0 + 20)
+    assert report.counts.get("fired after delete/replace ack", 0) == 0, report.findings
+    assert report.counts["raced a delete/replace ack"] == 1
+    story.fire(T0 + 1.5, "a", "v1", fresh=T0 + 1.2)  # proven current after the ack: stale
+    assert story.audit(cut=T0 + 20).counts["fired after delete/replace ack"] == 1
 
 
 def test_a_version_is_acknowledged_as_replaced_by_the_calls_after_the_one_that_wrote_it():

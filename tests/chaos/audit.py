@@ -63,6 +63,9 @@ class Delivery:
     version: str
     result: str  # "S" or "F"
     replica: str
+    #: when the replica's view was last proven current before this delivery (its read
+    #: barrier began); ``at`` if the log does not say
+    fresh: float | None = None
 
 
 @dataclass(frozen=True)
@@ -406,10 +409,16 @@ class Audit:
                        f"{v.writes_after_end} counter write(s) after the version ended")
         if ack is not None:
             for d in deliveries:
-                if d.at > ack[1]:
+                if d.at <= ack[1]:
+                    continue
+                fresh = d.at if d.fresh is None else d.fresh
+                if fresh > ack[1]:
                     report.add("fired after delete/replace ack", v,
                                f"delivered on {d.replica} {d.at - ack[1]:.3f}s after the "
-                               f"change was acknowledged", d.at)
+                               f"change was acknowledged, its view proven current "
+                               f"{fresh - ack[1]:.3f}s after it", d.at)
+                else:  # acknowledged between the replica's freshness proof and the call
+                    report.counts["raced a delete/replace ack"] += 1
             deliveries = [d for d in deliveries if d.at <= ack[1]]
         steps, state = self._steps(v, oracle, report)
         open_step = None if v.end == "finished" else oracle.step(state)

@@ -31,6 +31,7 @@ from collections import defaultdict
 
 from google.protobuf import wrappers_pb2
 
+import etcdcron.engine as engine_module
 from etcdcron import Cron, TriggerResult
 
 
@@ -70,7 +71,11 @@ class ChaosTrigger:
             self._deliveries[version] += 1
             n = self._deliveries[version]
         failed = pattern[(n - 1) % len(pattern)] == "F"
-        self._log.write("fire", request.name, version, "F" if failed else "S", at=entered)
+        # When the engine last proved this replica's view current before this delivery (its
+        # read barrier): a change acknowledged before that must never fire.
+        fresh = getattr(engine_module._delivery, "fresh_as_of", entered)
+        self._log.write("fire", request.name, version, "F" if failed else "S", f"{fresh:.6f}",
+                        at=entered)
         return TriggerResult.FAILED if failed else TriggerResult.SUCCESS
 
 

@@ -39,7 +39,7 @@ def render(report: Report, out: Path | None = None) -> str:
     for metric in Report.MUST_BE_ZERO:
         value = report.counts.get(metric, 0)
         lines.append(f"{metric:<38} {value:>7}  {'ok' if value == 0 else 'FAILED'}")
-    for metric in ("duplicates (in fault windows)", "in flight at the end",
+    for metric in ("duplicates (in fault windows)", "raced a delete/replace ack", "in flight at the end",
                    "fault injection errors"):
         lines.append(f"{metric:<38} {report.counts.get(metric, 0):>7}")
     lines += [

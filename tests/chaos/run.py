@@ -331,8 +331,9 @@ def load_deliveries(out: Path) -> tuple[list[Delivery], dict[str, list[list[str]
         events[label] = lines
         for fields in lines:
             if fields[1] == "fire":
+                fresh = float(fields[5]) if len(fields) > 5 else None
                 deliveries.append(Delivery(float(fields[0]), fields[2], fields[3], fields[4],
-                                           label))
+                                           label, fresh))
     return deliveries, events
 
 
