@@ -238,7 +238,7 @@ class Engine:
             batch = states[start:start + MAX_BATCH]
             ops = [op_txn([cmp_mod(self._keys.job(state.name), state.mod_revision)],
                           [op_put(self._keys.in_flight(state.name), stored_pb2.InFlight(
-                              job_partition_id=state.record.partition_id,
+                              job_partition_id=state.partition_id,
                               tick=to_timestamp(state.next.tick)).SerializeToString(),
                               lease=ownership.lease_id)])
                    for state in batch]
@@ -306,7 +306,7 @@ class Engine:
             counter_kv = counters.get(name)
             counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
             owned.append((name, record, kv.mod_revision, counter,
-                          counter_kv.mod_revision if counter_kv else 0))
+                          counter_kv.mod_revision if counter_kv else 0, kv.value))
         listed = {entry[0] for entry in owned}
         arms: list = []
         with self.index.lock:
@@ -342,7 +342,8 @@ class Engine:
                 if decoded is None:
                     self._forget_locked(name)
                     continue
-                self._put_locked((name, decoded[1], kv.mod_revision, None, 0), ownership, arms)
+                self._put_locked((name, decoded[1], kv.mod_revision, None, 0, kv.value), ownership,
+                                 arms)
             self.index.caught_up_locked(events[-1].kv.mod_revision)
             self._drained.notify_all()
         self.timer.arm_many(arms)
@@ -379,7 +380,7 @@ class Engine:
         self._claims[name] = partition_id
         state = self.index.get_locked(name)
         if (state is not None and state.phase is Phase.ARMED
-                and state.record.partition_id == partition_id):
+                and state.partition_id == partition_id):
             self.index.set_phase_locked(state, Phase.HANDOFF)
             self.timer.discard(name)
 
@@ -446,10 +447,10 @@ class Engine:
         in HANDOFF while another replica's trigger of it still runs."""
         if self.index.ownership is not ownership:
             self.index.set_phase_locked(state, Phase.IDLE)
-        elif self._claims.get(state.name) == state.record.partition_id:
+        elif self._claims.get(state.name) == state.partition_id:
             self.index.set_phase_locked(state, Phase.HANDOFF)
             self.timer.discard(state.name)
-        elif state.record.paused:
+        elif state.paused:
             self.index.set_phase_locked(state, Phase.PAUSED)
             self.timer.discard(state.name)
         elif state.next is None:
@@ -459,6 +460,8 @@ class Engine:
         else:
             self.index.set_phase_locked(state, Phase.ARMED)
             arms.append((state.next.due.timestamp(), state.name, state.token))
+        if state.phase is not Phase.RUNNING:
+            state.compact()  # waits in its serialized form until its next delivery
 
     # -- timer thread ----------------------------------------------------------------------------
 
@@ -572,7 +575,7 @@ class Engine:
                     ownership.lease_generation):
                 self._idle_locked(state)
                 return
-            if state.record.paused:  # paused meanwhile (the same version, rewritten)
+            if state.paused:  # paused meanwhile (the same version, rewritten)
                 self.index.set_phase_locked(state, Phase.PAUSED)
                 self._drained.notify_all()
                 return
@@ -906,7 +909,7 @@ class Engine:
         state.counter_revision = counter_kvs[0].mod_revision if counter_kvs else 0
         if counter_kvs:
             stored = decode_counter(counter_kvs[0].value, state.name, self._log)
-        if stored is None or stored.job_partition_id != state.record.partition_id:
+        if stored is None or stored.job_partition_id != state.partition_id:
             return False
         self._log.info("counter of job %r was changed by another writer; continuing from it",
                        state.name)

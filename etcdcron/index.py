@@ -119,21 +119,78 @@ def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> st
     return counter
 
 
-@dataclass(eq=False, slots=True)
 class JobState:
-    """One owned job version and where it is in its life."""
+    """One owned job version and where it is in its life.
 
-    name: str
-    record: stored_pb2.Job
-    mod_revision: int  #: of NS/jobs/NAME, compared by every counter write
-    schedule: Schedule | None
-    counter: stored_pb2.Counter
-    counter_revision: int  #: of NS/counters/NAME (0: absent), compared by every counter write
-    token: int
-    phase: Phase = Phase.IDLE
-    next: Pending | None = None
-    run: int = 0  #: increments with every delivery; a result of an earlier one is stale
-    deadline: float = 0.0  #: wall time by which the current delivery must have a result (0: none)
+    A replica may hold a million of these, so the record and the counter are kept as their
+    serialized bytes (a decoded protobuf message takes a kilobyte): :attr:`record` decodes
+    on first use and keeps the message until :meth:`compact` (called once the job is armed
+    again), :attr:`counter` decodes on each use.
+    """
+
+    __slots__ = ("name", "raw", "partition_id", "paused", "mod_revision", "schedule",
+                 "counter_raw",
+                 "counter_revision", "token", "phase", "next", "run", "deadline", "_record")
+
+    def __init__(self, name: str, record: stored_pb2.Job, mod_revision: int,
+                 schedule: Schedule | None, counter: stored_pb2.Counter, counter_revision: int,
+                 token: int, phase: Phase = Phase.IDLE, next: Pending | None = None,
+                 raw: bytes | None = None):
+        self.name = name
+        self.raw = record.SerializeToString() if raw is None else raw
+        self.partition_id = record.partition_id
+        self.paused = record.paused
+        self.mod_revision = mod_revision  #: of NS/jobs/NAME, compared by every counter write
+        self.schedule = schedule
+        self.counter = counter
+        #: of NS/counters/NAME (0: absent), compared by every counter write
+        self.counter_revision = counter_revision
+        self.token = token
+        self.phase = phase
+        self.next = next
+        self.run = 0  #: increments with every delivery; a result of an earlier one is stale
+        #: wall time by which the current delivery must have a result (0: none)
+        self.deadline = 0.0
+        self._record: stored_pb2.Job | None = None
+
+    @property
+    def record(self) -> stored_pb2.Job:
+        """The stored job (decoded on first use; do not change it)."""
+        record = self._record
+        if record is None:
+            record = self._record = decode_record(self.raw)
+        return record
+
+    def set_record(self, record: stored_pb2.Job, raw: bytes | None = None) -> None:
+        self.raw = record.SerializeToString() if raw is None else raw
+        self.partition_id = record.partition_id
+        self.paused = record.paused
+        self._record = record
+
+    @property
+    def counter(self) -> stored_pb2.Counter:
+        """This version's counter (a new message each time: changing it changes nothing)."""
+        counter = stored_pb2.Counter()
+        if self.counter_raw:
+            counter.ParseFromString(self.counter_raw)
+        else:
+            counter.job_partition_id = self.partition_id
+        return counter
+
+    @counter.setter
+    def counter(self, counter: stored_pb2.Counter) -> None:
+        fresh = counter == stored_pb2.Counter(job_partition_id=self.partition_id)
+        self.counter_raw = b"" if fresh else counter.SerializeToString()
+
+    def compact(self) -> None:
+        """Drop the decoded record: the state goes on waiting in a few hundred bytes."""
+        self._record = None
+
+
+def decode_record(raw: bytes) -> stored_pb2.Job:
+    record = stored_pb2.Job()
+    record.ParseFromString(raw)
+    return record
 
 
 class JobIndex:
@@ -197,7 +254,8 @@ class JobIndex:
     # -- changes from the informer ---------------------------------------------------------------
 
     def put_locked(self, name: str, record: stored_pb2.Job, mod_revision: int,
-                   counter: stored_pb2.Counter | None, counter_revision: int) -> JobState | None:
+                   counter: stored_pb2.Counter | None, counter_revision: int,
+                   raw: bytes | None = None) -> JobState | None:
         """Load a version of ``name`` (replacing any other) and return it, or ``None`` when that
         revision is already loaded. ``state.next`` is ``None`` for a job that has nothing left
         to do (the caller deletes it).
@@ -215,13 +273,14 @@ class JobIndex:
             return None
         if mod_revision <= self._deleted.get(name, 0):
             return None  # a stale listing: this version is already deleted
-        if old is not None and old.record.partition_id == record.partition_id:
+        if old is not None and old.partition_id == record.partition_id:
             # The same version rewritten (paused, resumed): updated in place, token and all,
             # so that a delivery in flight is still recorded, against the new revision.
             check_times(record, old.counter)
             schedule = _schedule_of(record)
             nxt = pending(record, old.counter, schedule)
-            old.record, old.mod_revision, old.schedule = record, mod_revision, schedule
+            old.set_record(record, raw)
+            old.mod_revision, old.schedule = mod_revision, schedule
             if old.phase not in IN_FLIGHT:
                 old.next = nxt
             return old
@@ -233,7 +292,7 @@ class JobIndex:
             self.set_phase_locked(old, Phase.IDLE)
         state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,
                          counter=counter, counter_revision=counter_revision,
-                         token=next(self._tokens), next=nxt)
+                         token=next(self._tokens), next=nxt, raw=raw)
         self._jobs[name] = state
         return state
 

@@ -567,7 +567,7 @@ def test_put_new_job():
         state = index.put_locked("job", rec, 10, None, 0)
         assert index.get_locked("job") is state
     assert state.name == "job"
-    assert state.record is rec
+    assert state.record == rec
     assert state.mod_revision == 10
     assert state.counter == stored_pb2.Counter(job_partition_id=7)
     assert state.counter_revision == 0
