@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from etcdcron._pb import stored_pb2
 from etcdcron.schedule import Schedule, parse_schedule
-from etcdcron.ticks import Pending, pending, to_datetime
+from etcdcron.ticks import Pending, pending
 
 __all__ = ["Phase", "IN_FLIGHT", "JobState", "JobIndex", "Ownership", "counter_of",
            "decode_counter"]
@@ -100,15 +100,19 @@ def decode_counter(value: bytes, name: str,
     return counter
 
 
+_RECORD_TIMES = ("start", "due_time", "expiration", "resumed")
+_COUNTER_TIMES = ("last_trigger", "last_skipped")
+#: The seconds of 0001-01-01T00:00:00Z and of 9999-12-31T23:59:59Z: what a datetime holds.
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
+
+
 def check_times(record: stored_pb2.Job, counter: stored_pb2.Counter) -> None:
     """Raise ``ValueError`` if a time ``record`` or ``counter`` carries is out of range."""
-    for message, name in ((record, "start"), (record, "due_time"), (record, "expiration"),
-                          (counter, "last_trigger")):
-        if message.HasField(name):
-            try:
-                to_datetime(getattr(message, name))
-            except (OverflowError, ValueError):
-                raise ValueError(f"its {name} is out of range") from None
+    for message, names in ((record, _RECORD_TIMES), (counter, _COUNTER_TIMES)):
+        for name in names:
+            if message.HasField(name) and not (
+                    _FIRST_SECOND <= getattr(message, name).seconds <= _LAST_SECOND):
+                raise ValueError(f"its {name} is out of range")
 
 
 def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> stored_pb2.Counter:
@@ -117,6 +121,11 @@ def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> st
     if counter is None or counter.job_partition_id != record.partition_id:
         return stored_pb2.Counter(job_partition_id=record.partition_id)
     return counter
+
+
+#: A counter nothing has happened to, for the tick math of a job never triggered (its
+#: job_partition_id is left unset: only what happened counts there). Never changed.
+_UNTOUCHED = stored_pb2.Counter()
 
 
 class JobState:
@@ -133,7 +142,8 @@ class JobState:
                  "counter_revision", "token", "phase", "next", "run", "deadline", "_record")
 
     def __init__(self, name: str, record: stored_pb2.Job, mod_revision: int,
-                 schedule: Schedule | None, counter: stored_pb2.Counter, counter_revision: int,
+                 schedule: Schedule | None, counter: stored_pb2.Counter | None,
+                 counter_revision: int,
                  token: int, phase: Phase = Phase.IDLE, next: Pending | None = None,
                  raw: bytes | None = None):
         self.name = name
@@ -142,7 +152,10 @@ class JobState:
         self.paused = record.paused
         self.mod_revision = mod_revision  #: of NS/jobs/NAME, compared by every counter write
         self.schedule = schedule
-        self.counter = counter
+        if counter is None:  # fresh
+            self.counter_raw = b""
+        else:
+            self.counter = counter
         #: of NS/counters/NAME (0: absent), compared by every counter write
         self.counter_revision = counter_revision
         self.token = token
@@ -284,10 +297,12 @@ class JobIndex:
             if old.phase not in IN_FLIGHT:
                 old.next = nxt
             return old
-        counter = counter_of(record, counter)
-        check_times(record, counter)
+        if counter is not None and counter.job_partition_id != record.partition_id:
+            counter = None  # left by another version: it does not count
+        untouched = _UNTOUCHED if counter is None else counter
+        check_times(record, untouched)
         schedule = _schedule_of(record)
-        nxt = pending(record, counter, schedule)
+        nxt = pending(record, untouched, schedule)
         if old is not None:
             self.set_phase_locked(old, Phase.IDLE)
         state = JobState(name=name, record=record, mod_revision=mod_revision, schedule=schedule,

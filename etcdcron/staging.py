@@ -84,6 +84,8 @@ class Staging:
             return True
 
     def discard(self, name: str) -> None:
+        if not self._parked:  # the common case, on every load: nothing parked (a racy read
+            return            # is fine: a job is parked only by its own delivery)
         with self._lock:
             self._parked.pop(name, None)
 
