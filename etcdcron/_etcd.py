@@ -75,6 +75,10 @@ __all__ = [
     "op_delete",
     "op_range",
     "op_txn",
+    "guarded_write",
+    "guarded",
+    "guarded_check",
+    "compare_mod",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +149,71 @@ def op_txn(
     return rpc.RequestOp(
         request_txn=rpc.TxnRequest(compare=compare, success=success, failure=failure)
     )
+
+
+def guarded_write(job_key: bytes, job_revision: int, counter_key: bytes, counter_revision: int,
+                  counter: bytes | None) -> bytes:
+    """The wire bytes of the nested transaction that records one trigger result: if the job
+    and its counter still have these mod revisions, put ``counter`` (or, with ``None``, delete
+    both keys). The same ``RequestOp`` as ``op_txn([cmp_mod(...), cmp_mod(...)],
+    [op_put(...)])``; see :meth:`EtcdClient.txn_encoded`.
+
+    The recorder builds up to a hundred of these per round trip: written as bytes and parsed
+    once per batch, in C, they cost a third of building nested messages field by field.
+    """
+    compares = _ld(1, _compare_mod(job_key, job_revision)) + _ld(
+        1, _compare_mod(counter_key, counter_revision))
+    if counter is None:
+        success = _ld(2, _ld(3, _ld(1, job_key))) + _ld(2, _ld(3, _ld(1, counter_key)))
+    else:
+        success = _ld(2, _ld(2, _ld(1, counter_key) + _ld(2, counter)))
+    return _ld(4, compares + success)
+
+
+def guarded_check(job_key: bytes, job_revision: int, counter_key: bytes,
+                  counter_revision: int) -> bytes:
+    """Like :func:`guarded_write`, writing nothing: whether both revisions still hold."""
+    return _ld(4, _ld(1, _compare_mod(job_key, job_revision))
+               + _ld(1, _compare_mod(counter_key, counter_revision)))
+
+
+def guarded(compare: bytes, op: bytes) -> bytes:
+    """``op`` (wire bytes of a ``RequestOp``) as the success branch of a nested transaction
+    guarded by ``compare`` (wire bytes of one ``Compare``)."""
+    return _ld(4, _ld(1, compare) + _ld(2, op))
+
+
+def compare_mod(key: bytes, revision: int) -> bytes:
+    """The wire bytes of :func:`cmp_mod`."""
+    return _compare_mod(key, revision)
+
+
+def _compare_mod(key: bytes, revision: int) -> bytes:
+    # result EQUAL is 0 (omitted); target MOD = 2 (field 2); key (3); mod_revision (6, set even
+    # when 0: it is a oneof member)
+    return b"\x10\x02" + _ld(3, key) + b"\x30" + _varint(revision)
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _BYTE[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """A length-delimited field (field numbers below 16): tag, length, payload."""
+    n = len(payload)
+    if n < 0x80:
+        return bytes((field << 3 | 2, n)) + payload
+    return bytes((field << 3 | 2,)) + _varint(n) + payload
 
 
 # -- errors and retries ---------------------------------------------------------------------------
@@ -652,6 +721,13 @@ class EtcdClient:
             failure: Sequence[rpc.RequestOp] = (), **kw) -> rpc.TxnResponse:
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         return self.call(self._kv.Txn, request, "transaction", **kw)
+
+    def txn_encoded(self, compare: Sequence[bytes], success: Sequence[bytes],
+                    **kw) -> rpc.TxnResponse:
+        """:meth:`txn` of compares and ops given as their wire bytes (see
+        :func:`guarded_write`): the request is parsed from them in one go."""
+        body = b"".join([*(_ld(1, c) for c in compare), *(_ld(2, op) for op in success)])
+        return self.call(self._kv.Txn, rpc.TxnRequest.FromString(body), "transaction", **kw)
 
     def txn_once(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
                  failure: Sequence[rpc.RequestOp] = (), *, witness: tuple[bytes, bytes],

@@ -50,6 +50,9 @@ from etcdcron._etcd import (
     EtcdClient,
     Stopped,
     cmp_mod,
+    compare_mod,
+    guarded_check,
+    guarded_write,
     op_delete,
     op_put,
     op_range,
@@ -64,7 +67,6 @@ from etcdcron.keys import Keys
 from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
-from etcdcron.schedule import parse_duration
 from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
@@ -77,6 +79,14 @@ log = logging.getLogger(__name__)
 REFUSED_RETRY_CAP = 10.0
 #: How long the end of a session may spend writing the NS/inflight/ keys of running triggers.
 HAND_OVER_TIMEOUT = 2.0
+#: Jobs loaded per hold of the index lock.
+LOAD_CHUNK = 2000
+#: Jobs read back per transaction after failed compares (two reads each; etcd allows 128 ops).
+_READS_PER_TXN = 64
+#: A trigger fires only on a view of etcd proven current (a read barrier) at most this many
+#: seconds before: one barrier serves every trigger of a burst, and a change acknowledged
+#: more than this before a trigger is always seen by it.
+FRESH_FOR = 0.05
 #: How long a worker waits for one read barrier before it checks its session again.
 BARRIER_PATIENCE = 1.0
 
@@ -91,8 +101,9 @@ class _Plan:
     outcome: Outcome
     counter: stored_pb2.Counter
     next: Pending | None
-    op: object
+    op: bytes  #: the nested transaction, as wire bytes (see _etcd.guarded_write)
     mod_revision: int  #: the job's revision the plan compares
+    counter_raw: bytes | None = None  #: the counter it writes, serialized
 
 
 @dataclass(slots=True)
@@ -308,19 +319,26 @@ class Engine:
             owned.append((name, record, kv.mod_revision, counter,
                           counter_kv.mod_revision if counter_kv else 0, kv.value))
         listed = {entry[0] for entry in owned}
-        arms: list = []
+        # In chunks, each under the lock once and armed at once: the timer, the workers and the
+        # recorder go on (and the first jobs fire) while a big listing loads.
+        for start in range(0, max(len(owned), 1), LOAD_CHUNK):
+            arms: list = []
+            with self.index.lock:
+                if self.index.ownership is not ownership:
+                    return
+                if start == 0:
+                    self.index.caught_up_locked(revision)
+                    self._claims = claimed
+                for entry in owned[start:start + LOAD_CHUNK]:
+                    self._put_locked(entry, ownership, arms)
+            self.timer.arm_many(arms)
         with self.index.lock:
             if self.index.ownership is not ownership:
                 return
-            self.index.caught_up_locked(revision)
-            self._claims = claimed
-            for entry in owned:
-                self._put_locked(entry, ownership, arms)
             for name in self.index.names_locked():
                 if name not in listed:
                     self._forget_locked(name)
             self._drained.notify_all()
-        self.timer.arm_many(arms)
         self._log.debug("loaded %d owned jobs at revision %d", len(listed), revision)
 
     def apply_events(self, ownership: Ownership, events: list) -> None:
@@ -489,20 +507,11 @@ class Engine:
         be armed by the caller once the lock is released)."""
         self.index.set_phase_locked(state, Phase.RUNNING)
         state.run += 1
-        timeout = self._timeout_of(state.record)
+        timeout = self._trigger_timeout if state.timeout is None else state.timeout
         if timeout is not None:
             state.deadline = self._clock() + timeout
             deadlines.append((state.deadline, state.name, (state.token, state.run)))
         return state.name, state.token, state.run
-
-    def _timeout_of(self, record: stored_pb2.Job) -> float | None:
-        """The job's own ``trigger_timeout``, else the Cron's (``None``: no limit)."""
-        if record.job.HasField("trigger_timeout"):
-            try:
-                return parse_duration(record.job.trigger_timeout).total_seconds()
-            except ValueError:
-                pass  # validation refuses it; a foreign record's is ignored
-        return self._trigger_timeout
 
     def _expire(self, entries: list[tuple]) -> None:
         """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
@@ -523,7 +532,9 @@ class Engine:
                             or state.run != run):
                         continue
                 self._log.warning("job %r: its trigger did not finish within %gs; counting it "
-                                  "as FAILED", name, self._timeout_of(state.record) or 0)
+                                  "as FAILED", name,
+                                  self._trigger_timeout if state.timeout is None
+                                  else state.timeout)
                 state.run += 1  # the trigger's own result, if it ever comes, is for no run
                 outcomes.append(Outcome(name, token, ownership, state.next.tick,
                                         TriggerResult.FAILED, run=state.run))
@@ -555,7 +566,7 @@ class Engine:
                                       run=run))
 
     def _trigger_one(self, name: str, token: int, run: int) -> None:
-        since = time.monotonic()
+        since = time.monotonic() - FRESH_FOR
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if (state is None or state.phase is not Phase.RUNNING or state.next is None
@@ -581,8 +592,8 @@ class Engine:
                 return
             record, schedule, delivery = state.record, state.schedule, state.next
             job, tick = record.job, delivery.tick
-        skip = catch_up(record, schedule, delivery,
-                        datetime.fromtimestamp(self._clock(), timezone.utc))
+        skip = None if not state.catch_up else catch_up(
+            record, schedule, delivery, datetime.fromtimestamp(self._clock(), timezone.utc))
         if skip is not None:  # the job's catch-up policy says: not this one
             self._log.debug("job %r: skipping %d tick(s) up to %s (catch-up policy)", name,
                             skip[1], skip[0].isoformat())
@@ -732,25 +743,25 @@ class Engine:
 
     def _plan_one(self, outcome: Outcome, state: JobState, record: stored_pb2.Job,
                   mod_revision: int, schedule) -> _Plan:
+        # No failure branch: a compare fails rarely (another writer, a new version), and then
+        # the recorder reads what etcd holds for those jobs in one more round trip.
         job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
-        compare = [cmp_mod(job_key, mod_revision), cmp_mod(counter_key, state.counter_revision)]
-        read = [op_range(job_key), op_range(counter_key)]
-        if outcome.refresh:  # nothing to write: the failure branch reads what etcd holds
-            return _Plan(outcome, state.counter, state.next, op_txn(compare, [], read),
-                         mod_revision)
+        counter = state.counter
+        if outcome.refresh:  # nothing to write: a failed compare reads what etcd holds
+            return _Plan(outcome, counter, state.next, guarded_check(
+                job_key, mod_revision, counter_key, state.counter_revision), mod_revision)
         if outcome.skip is not None:
-            counter = after_skip(record, state.counter, *outcome.skip)
+            counter = after_skip(record, counter, *outcome.skip)
             nxt = pending(record, counter, schedule)
         elif outcome.result is None:
-            counter, nxt = state.counter, None
+            nxt = None
         else:
-            counter = after_result(record, state.counter, outcome.tick, outcome.result, schedule)
+            counter = after_result(record, counter, outcome.tick, outcome.result, schedule)
             nxt = pending(record, counter, schedule)
-        if nxt is None:
-            success = [op_delete(job_key), op_delete(counter_key)]
-        else:
-            success = [op_put(counter_key, counter.SerializeToString())]
-        return _Plan(outcome, counter, nxt, op_txn(compare, success, read), mod_revision)
+        value = None if nxt is None else counter.SerializeToString()
+        return _Plan(outcome, counter, nxt, guarded_write(
+            job_key, mod_revision, counter_key, state.counter_revision, value), mod_revision,
+            value)
 
     def _record_handed(self, outcome: Outcome, entry: _Handed) -> None:
         """Record the result of a handed-over trigger under its NS/inflight/ key, and release
@@ -763,8 +774,8 @@ class Engine:
         ops = []
         if outcome.result is not TriggerResult.UNDELIVERABLE:
             try:
-                ops.append(self._plan_one(outcome, state, state.record, state.mod_revision,
-                                          state.schedule).op)
+                ops.append(rpc.RequestOp.FromString(self._plan_one(
+                    outcome, state, state.record, state.mod_revision, state.schedule).op))
             except Exception as exc:  # noqa: BLE001 - release the key, change nothing else
                 self._log.error("job %r: its next tick cannot be computed (%s)", state.name, exc)
         try:
@@ -789,11 +800,11 @@ class Engine:
     def _write(self, ownership: Ownership, plans: list[_Plan]) -> None:
         """Commit ``plans`` in one transaction fenced by ``ownership``; split it if etcd finds it
         too big; retry later what etcd refuses; give up only once the session is over."""
-        fence = [cmp_mod(ownership.fence_key, ownership.fence_revision)]
+        fence = [compare_mod(ownership.fence_key, ownership.fence_revision)]
         while True:
             try:
-                response = self._client.txn(fence, [plan.op for plan in plans], [],
-                                            stop=self._stop)
+                response = self._client.txn_encoded(fence, [plan.op for plan in plans],
+                                                    stop=self._stop)
                 break
             except EtcdUnavailableError as exc:
                 if self.index.ownership is ownership and not self._stop.is_set():
@@ -818,7 +829,30 @@ class Engine:
         if not response.succeeded:
             self._abandon(plans, "this replica's leadership changed (fence failed)")
             return
-        self._apply(ownership, plans, response)
+        failed = [plan for plan, reply in zip(plans, response.responses)
+                  if not reply.response_txn.succeeded]
+        self._apply(ownership, plans, response, self._read_back(failed) if failed else {})
+
+    def _read_back(self, plans: list[_Plan]) -> dict[str, tuple | None]:
+        """What etcd holds for the jobs whose compare failed: name -> (job kvs, counter kvs),
+        or ``None`` if it could not be read (the outcome is then tried again)."""
+        held: dict[str, tuple | None] = {}
+        for start in range(0, len(plans), _READS_PER_TXN):
+            names = [plan.outcome.name for plan in plans[start:start + _READS_PER_TXN]]
+            ops = [op for name in names
+                   for op in (op_range(self._keys.job(name)), op_range(self._keys.counter(name)))]
+            try:
+                response = self._client.txn([], ops, [], stop=self._stop)
+            except (EtcdError, Stopped) as exc:
+                self._log.warning("reading back %d jobs whose result did not apply: %s",
+                                  len(names), exc)
+                held.update((name, None) for name in names)
+                continue
+            replies = response.responses
+            for i, name in enumerate(names):
+                held[name] = (replies[2 * i].response_range.kvs,
+                              replies[2 * i + 1].response_range.kvs)
+        return held
 
     def _refuse(self, plans: list[_Plan], exc: Exception) -> None:
         """etcd refused these results (NOSPACE, a request too large, a permission): keep the
@@ -849,7 +883,8 @@ class Engine:
                 if self._in_flight(state, plan.outcome):
                     self._idle_locked(state)
 
-    def _apply(self, ownership: Ownership, plans: list[_Plan], response) -> None:
+    def _apply(self, ownership: Ownership, plans: list[_Plan], response,
+               held: dict[str, tuple | None]) -> None:
         arms: list = []
         with self.index.lock:
             for plan, reply in zip(plans, response.responses):
@@ -861,8 +896,11 @@ class Engine:
                     del self._refused[name]
                     self._log.info("job %r: its result was recorded after all", name)
                 inner = reply.response_txn
+                if not inner.succeeded and held.get(name) is None:
+                    self.recorder.put(plan.outcome)  # not known what etcd holds: try again
+                    continue
                 if plan.outcome.refresh:
-                    if not inner.succeeded and self._adopt_locked(state, inner) is None:
+                    if not inner.succeeded and self._adopt_locked(state, *held[name]) is None:
                         self._idle_locked(state)
                         continue
                     self._arm_locked(state, ownership, arms)
@@ -872,7 +910,8 @@ class Engine:
                     self.index.mark_deleted_locked(name, response.header.revision)
                     continue
                 if inner.succeeded:
-                    state.counter, state.counter_revision = plan.counter, response.header.revision
+                    state.counter_raw = plan.counter_raw
+                    state.counter_revision = response.header.revision
                     state.next = plan.next
                     if plan.mod_revision != state.mod_revision:  # rewritten in place meanwhile
                         state.next = pending(state.record, state.counter, state.schedule)
@@ -882,7 +921,7 @@ class Engine:
                     self.recorder.put(plan.outcome)
                     continue
                 else:
-                    adopted = self._adopt_locked(state, inner)
+                    adopted = self._adopt_locked(state, *held[name])
                     if adopted is None:
                         self._idle_locked(state)
                         continue
@@ -893,7 +932,7 @@ class Engine:
             self._drained.notify_all()
         self.timer.arm_many(arms)
 
-    def _adopt_locked(self, state: JobState, inner) -> bool | None:
+    def _adopt_locked(self, state: JobState, job_kvs, counter_kvs) -> bool | None:
         """After a failed compare, see what etcd holds.
 
         :returns: ``None`` when the job itself changed (the informer brings the new version);
@@ -901,8 +940,6 @@ class Engine:
             trigger from there); ``False`` when the counter there is absent or left by another
             version: this result still stands and is to be written again over it.
         """
-        job_kvs = inner.responses[0].response_range.kvs
-        counter_kvs = inner.responses[1].response_range.kvs
         if not job_kvs or job_kvs[0].mod_revision != state.mod_revision:
             return None
         stored = None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from etcdcron._pb import stored_pb2
-from etcdcron.schedule import Schedule, parse_schedule
+from etcdcron.schedule import Schedule, parse_duration, parse_schedule
 from etcdcron.ticks import Pending, pending
 
 __all__ = ["Phase", "IN_FLIGHT", "JobState", "JobIndex", "Ownership", "counter_of",
@@ -137,8 +137,8 @@ class JobState:
     again), :attr:`counter` decodes on each use.
     """
 
-    __slots__ = ("name", "raw", "partition_id", "paused", "mod_revision", "schedule",
-                 "counter_raw",
+    __slots__ = ("name", "raw", "partition_id", "paused", "catch_up", "timeout",
+                 "mod_revision", "schedule", "counter_raw",
                  "counter_revision", "token", "phase", "next", "run", "deadline", "_record")
 
     def __init__(self, name: str, record: stored_pb2.Job, mod_revision: int,
@@ -147,9 +147,9 @@ class JobState:
                  token: int, phase: Phase = Phase.IDLE, next: Pending | None = None,
                  raw: bytes | None = None):
         self.name = name
-        self.raw = record.SerializeToString() if raw is None else raw
-        self.partition_id = record.partition_id
-        self.paused = record.paused
+        self._record: stored_pb2.Job | None = None
+        self.set_record(record, raw)
+        self._record = None
         self.mod_revision = mod_revision  #: of NS/jobs/NAME, compared by every counter write
         self.schedule = schedule
         if counter is None:  # fresh
@@ -164,7 +164,6 @@ class JobState:
         self.run = 0  #: increments with every delivery; a result of an earlier one is stale
         #: wall time by which the current delivery must have a result (0: none)
         self.deadline = 0.0
-        self._record: stored_pb2.Job | None = None
 
     @property
     def record(self) -> stored_pb2.Job:
@@ -175,9 +174,15 @@ class JobState:
         return record
 
     def set_record(self, record: stored_pb2.Job, raw: bytes | None = None) -> None:
+        """Take ``record`` (and what the hot paths read of it, so they need not decode it)."""
         self.raw = record.SerializeToString() if raw is None else raw
         self.partition_id = record.partition_id
         self.paused = record.paused
+        job = record.job
+        #: whether a catch-up policy may skip deliveries (catch_up_window or coalesce)
+        self.catch_up = job.coalesce or job.HasField("catch_up_window")
+        #: the job's own trigger_timeout in seconds, or None
+        self.timeout = _timeout_of(job) if job.HasField("trigger_timeout") else None
         self._record = record
 
     @property
@@ -192,12 +197,18 @@ class JobState:
 
     @counter.setter
     def counter(self, counter: stored_pb2.Counter) -> None:
-        fresh = counter == stored_pb2.Counter(job_partition_id=self.partition_id)
-        self.counter_raw = b"" if fresh else counter.SerializeToString()
+        self.counter_raw = counter.SerializeToString()
 
     def compact(self) -> None:
         """Drop the decoded record: the state goes on waiting in a few hundred bytes."""
         self._record = None
+
+
+def _timeout_of(job) -> float | None:
+    try:
+        return parse_duration(job.trigger_timeout).total_seconds()
+    except ValueError:
+        return None  # validation refuses it; a foreign record's is ignored
 
 
 def decode_record(raw: bytes) -> stored_pb2.Job:
