@@ -244,7 +244,7 @@ class Cron:
         # failing makes the replica resign its partitions. They work only while elected, so
         # the replica claims again after its backoff to find out whether they work again.
         essential = [self._engine.informer.loop, self._engine.timer.loop,
-                     self._engine.recorder.loop]
+                     *self._engine.recorder.loops]
         self._elector = Elector(client=self._client, keys=self._keys, lease=self._lease,
                                 replica_id=self.replica_id, uid=random.getrandbits(64),
                                 replica_data=self._replica_data, static=self._static,

@@ -168,7 +168,7 @@ class Engine:
     @property
     def loops(self) -> list:
         """The supervised loops of the engine's threads."""
-        return [self.informer.loop, self.timer.loop, self.recorder.loop, *self.pool.loops]
+        return [self.informer.loop, self.timer.loop, *self.recorder.loops, *self.pool.loops]
 
     @property
     def threads(self) -> list[threading.Thread]:

@@ -1,8 +1,12 @@
-"""The recorder thread (``etcdcron-recorder``): makes trigger results durable, many per round trip.
+"""The recorder threads (``etcdcron-recorder``, ``-1``, ``-2``): make trigger results durable, many
+per round trip.
 
-Workers queue :class:`Outcome` items; this thread takes the first that arrives plus whatever
-else is already waiting (up to :data:`MAX_BATCH`) and hands the batch to the engine, which
-commits it as one etcd transaction. Batching adds no delay: a lone result is committed at once.
+Workers queue :class:`Outcome` items; a recorder thread takes the first that arrives plus
+whatever else is already waiting (up to :data:`MAX_BATCH`) and hands the batch to the engine,
+which commits it as one etcd transaction. Batching adds no delay: a lone result is committed at
+once. :data:`THREADS` threads do this side by side, so that a burst keeps several transactions
+in flight (etcd's round trip, not the CPU, bounds one of them). A job has one outcome in flight
+at a time, so one job's outcomes never race each other.
 
 An outcome that etcd refused (or that could not be written for any other reason) comes back
 with :meth:`Recorder.retry_later` and joins a later batch once its delay has passed.
@@ -30,8 +34,11 @@ log = logging.getLogger(__name__)
 
 #: Inner transactions per etcd transaction; etcd's default --max-txn-ops is 128.
 MAX_BATCH = 100
+#: Recorder threads, so many transactions in flight at once.
+THREADS = 3
 
 _STOP = object()
+_WAKE = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,28 +66,34 @@ class Recorder:
     anyway, the whole batch is offered to ``commit`` again after a backoff."""
 
     def __init__(self, commit: Callable[[list[Outcome]], None],
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, threads: int = THREADS):
         self._commit = commit
         self._log = logger or log
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
-        # Outcomes to try again: (monotonic due time, seq, outcome). Only this thread reads it;
-        # retry_later() is called on this thread too (from commit).
+        # Guards _later: outcomes to try again, (monotonic due time, seq, outcome).
+        self._lock = threading.Lock()
         self._later: list[tuple[float, int, Outcome]] = []
         self._seq = itertools.count()
-        self.loop = Loop("etcdcron-recorder", self._loop, stopping=self._stopped.is_set,
-                         wait=self._stopped.wait, logger=self._log)
+        self.loops = [Loop("etcdcron-recorder" + (f"-{i}" if i else ""), self._loop,
+                           stopping=self._stopped.is_set, wait=self._stopped.wait,
+                           logger=self._log)
+                      for i in range(threads)]
+        self.loop = self.loops[0]
         self.thread = self.loop.thread
 
     def start(self) -> None:
-        self.loop.start()
+        for loop in self.loops:
+            loop.start()
 
     def put(self, outcome: Outcome) -> None:
         self._queue.put(outcome)
 
     def retry_later(self, outcome: Outcome, delay: float) -> None:
-        """Offer ``outcome`` to the engine again in ``delay`` seconds (recorder thread only)."""
-        heapq.heappush(self._later, (time.monotonic() + delay, next(self._seq), outcome))
+        """Offer ``outcome`` to the engine again in ``delay`` seconds."""
+        with self._lock:
+            heapq.heappush(self._later, (time.monotonic() + delay, next(self._seq), outcome))
+        self._queue.put(_WAKE)  # so that a thread waiting for work sees the new deadline
 
     def stop(self) -> None:
         """Stop after committing everything queued so far (outcomes waiting to be retried are
@@ -89,9 +102,8 @@ class Recorder:
         self._queue.put(_STOP)
 
     def _next_batch(self) -> list:
-        timeout = None
-        if self._later:
-            timeout = max(0.0, self._later[0][0] - time.monotonic())
+        with self._lock:
+            timeout = max(0.0, self._later[0][0] - time.monotonic()) if self._later else None
         try:
             batch = [self._queue.get(timeout=timeout)]
         except queue.Empty:
@@ -102,9 +114,10 @@ class Recorder:
             except queue.Empty:
                 break
         now = time.monotonic()
-        while self._later and self._later[0][0] <= now and len(batch) < MAX_BATCH:
-            batch.append(heapq.heappop(self._later)[2])
-        return batch
+        with self._lock:
+            while self._later and self._later[0][0] <= now and len(batch) < MAX_BATCH:
+                batch.append(heapq.heappop(self._later)[2])
+        return [item for item in batch if item is not _WAKE]
 
     def _loop(self, loop: Loop) -> None:
         stopping = False
@@ -113,6 +126,7 @@ class Recorder:
             if _STOP in batch:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
+                self._queue.put(_STOP)  # for the next recorder thread
             if batch:
                 try:
                     self._commit(batch)
