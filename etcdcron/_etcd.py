@@ -803,8 +803,10 @@ class EtcdClient:
         self.call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True),
                   "compact", **kw)
 
-    def current_revision(self, **kw) -> int:
-        return self.range(b"\0", count_only=True, **kw).header.revision
+    def current_revision(self, key: bytes = b"\0", **kw) -> int:
+        """etcd's current revision, read linearizably through ``key`` (a user whose roles
+        cover only a prefix must name a key under it)."""
+        return self.range(key, count_only=True, **kw).header.revision
 
     def iter_prefix(self, prefix: bytes, *, revision: int = 0, page_size: int = 100,
                     keys_only: bool = False, **kw) -> Iterator[tuple[int, list]]:

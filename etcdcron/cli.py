@@ -437,7 +437,7 @@ def _cmd_delete_prefix(s: _Session) -> None:
 
 def _cmd_watch(s: _Session) -> None:
     client, keys = s.cron._client, s.cron._keys
-    start = client.current_revision() + 1  # also fails fast (exit 3) when etcd is unreachable
+    start = client.current_revision(keys.jobs) + 1  # also fails fast (exit 3) when etcd is unreachable
     root = f"{keys.namespace}/".encode()
     prefix = s.args.prefix
     stream = client.watch(root, prefix_end(root), start)

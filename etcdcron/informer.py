@@ -186,7 +186,8 @@ class Informer:
         """
         deadline = time.monotonic() + timeout
         try:
-            revision = self._client.current_revision(deadline=deadline, stop=self._stop)
+            revision = self._client.current_revision(self._keys.jobs, deadline=deadline,
+                                                     stop=self._stop)
         except (EtcdError, Stopped):
             return False
         with self._cond:
