@@ -364,7 +364,13 @@ class Engine:
                                  arms)
             self.index.caught_up_locked(events[-1].kv.mod_revision)
             self._drained.notify_all()
-        self.timer.arm_many(arms)
+            # A job put and then deleted or replaced in the same response is armed only as it
+            # stands now; armed under the lock, so that no later forget can precede the arming.
+            self.timer.arm_many([arm for arm in arms if self._armed_locked(arm[1], arm[2])])
+
+    def _armed_locked(self, name: str, token: int) -> bool:
+        state = self.index.get_locked(name, token)
+        return state is not None and state.phase is Phase.ARMED
 
     def _decode_claim(self, kv) -> tuple[str, int] | None:
         """``(name, claimed partition id)`` of an ``NS/inflight/NAME`` key, if it is ours."""

@@ -312,6 +312,31 @@ def test_the_timer_heap_stays_small_under_replaced_and_deleted_jobs(make_cron, c
     assert cron._engine.timer.size <= 200
 
 
+def test_a_job_put_and_deleted_in_one_watch_response_is_not_left_armed(make_cron, calls, etcd):
+    # A watch that fell behind hands over a job's put and its delete together: the job must
+    # not be armed for the put after the delete forgot it (a live timer entry for no job).
+    from etcd3.etcdrpc import kv_pb2
+
+    cron = make_cron(calls.add)
+    cron.start()
+    assert cron.wait_elected(10)
+    cron.add("gone", Job(due_time="1h"))
+    engine = cron._engine
+    key = cron._keys.job("gone")
+    kv = EtcdClient(etcd.endpoint).range(key).kvs[0]
+    cron.delete("gone")
+    wait_until(lambda: not engine.index.names(), 10)
+    later = kv_pb2.KeyValue()
+    later.CopyFrom(kv)
+    later.mod_revision = kv.mod_revision + 1000
+    deleted = kv_pb2.KeyValue(key=key, mod_revision=later.mod_revision + 1)
+    engine.apply_events(engine.index.ownership, [
+        kv_pb2.Event(type=kv_pb2.Event.PUT, kv=later),
+        kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=deleted)])
+    assert engine.index.names() == []
+    assert len(engine.timer._heap) == 0
+
+
 def test_a_wall_clock_stepping_back_before_dispatch_does_not_lose_the_job(make_cron, calls):
     offset = [0.0]
     cron = make_cron(calls.add, clock=lambda: time.time() + offset[0])
