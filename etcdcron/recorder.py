@@ -4,9 +4,10 @@ per round trip.
 Workers queue :class:`Outcome` items; a recorder thread takes the first that arrives plus
 whatever else is already waiting (up to :data:`MAX_BATCH`) and hands the batch to the engine,
 which commits it as one etcd transaction. Batching adds no delay: a lone result is committed at
-once. :data:`THREADS` threads do this side by side, so that a burst keeps several transactions
-in flight (etcd's round trip, not the CPU, bounds one of them). A job has one outcome in flight
-at a time, so one job's outcomes never race each other.
+once. In a burst (a full batch taken and :data:`BACKLOG` more waiting), up to :data:`THREADS - 1`
+more threads take batches too, so that several transactions are in flight (etcd's round trip,
+not the CPU, bounds one of them); otherwise one thread keeps the batches large. A job has one
+outcome in flight at a time, so one job's outcomes never race each other.
 
 An outcome that etcd refused (or that could not be written for any other reason) comes back
 with :meth:`Recorder.retry_later` and joins a later batch once its delay has passed.
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 100
 #: Recorder threads, so many transactions in flight at once.
 THREADS = 3
+#: Outcomes waiting that make a backlog: then the helper threads take batches too.
+BACKLOG = 4 * MAX_BATCH
 
 _STOP = object()
 _WAKE = object()
@@ -75,7 +78,10 @@ class Recorder:
         self._lock = threading.Lock()
         self._later: list[tuple[float, int, Outcome]] = []
         self._seq = itertools.count()
-        self.loops = [Loop("etcdcron-recorder" + (f"-{i}" if i else ""), self._loop,
+        # Set while a backlog of full batches waits: the helper threads take batches then.
+        self._backlog = threading.Event()
+        self.loops = [Loop("etcdcron-recorder" + (f"-{i}" if i else ""),
+                           self._loop if i == 0 else self._help,
                            stopping=self._stopped.is_set, wait=self._stopped.wait,
                            logger=self._log)
                       for i in range(threads)]
@@ -99,6 +105,7 @@ class Recorder:
         """Stop after committing everything queued so far (outcomes waiting to be retried are
         dropped: their session is ending)."""
         self._stopped.set()
+        self._backlog.set()
         self._queue.put(_STOP)
 
     def _next_batch(self) -> list:
@@ -126,12 +133,39 @@ class Recorder:
             if _STOP in batch:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
-                self._queue.put(_STOP)  # for the next recorder thread
+            if len(batch) >= MAX_BATCH and self._queue.qsize() >= BACKLOG:
+                self._backlog.set()
             if batch:
-                try:
-                    self._commit(batch)
-                except BaseException:
-                    for outcome in batch:
-                        self.retry_later(outcome, 0.0)
-                    raise
+                self._commit_or_retry(batch)
                 loop.progress()
+
+    def _help(self, loop: Loop) -> None:
+        """A helper thread: takes full batches while a backlog lasts."""
+        while not self._stopped.is_set():
+            self._backlog.wait()
+            if self._stopped.is_set():
+                return
+            batch = []
+            while len(batch) < MAX_BATCH and self._queue.qsize():
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)  # the main thread's to see
+                    break
+                if item is not _WAKE:
+                    batch.append(item)
+            if self._queue.qsize() < BACKLOG:
+                self._backlog.clear()
+            if batch:
+                self._commit_or_retry(batch)
+                loop.progress()
+
+    def _commit_or_retry(self, batch: list[Outcome]) -> None:
+        try:
+            self._commit(batch)
+        except BaseException:
+            for outcome in batch:
+                self.retry_later(outcome, 0.0)
+            raise
