@@ -57,6 +57,7 @@ from etcdcron._connection import (
 )
 from etcdcron.errors import EtcdError, EtcdUnavailableError, ValidationError
 from etcdcron.keys import prefix_end
+from etcdcron.metrics import NO_METRICS, Metrics
 
 __all__ = [
     "EtcdClient",
@@ -237,6 +238,13 @@ class Backoff:
 
 
 _TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: The codes of a call that found no etcd to answer it (logged once until one answers again).
+_UNREACHABLE_CODES = _TRANSIENT_CODES
+
+
+def _code_name(exc: grpc.RpcError) -> str:
+    code = exc.code()
+    return code.name if code is not None else "UNKNOWN"
 
 
 def is_transient(exc: grpc.RpcError) -> bool:
@@ -523,6 +531,12 @@ class EtcdClient:
         self._token: str | None = None
         self._token_pending: threading.Event | None = None
         self._token_generation = 0
+        #: Where failed and retried calls are counted (the Cron sets it while it runs).
+        self.metrics: Metrics = NO_METRICS
+        # Guards _unreachable_since: the monotonic time calls began to find etcd unreachable
+        # (None while it answers). Read without the lock on every answer.
+        self._reach_lock = threading.Lock()
+        self._unreachable_since: float | None = None
         # (revision, monotonic time) of the newest response header seen; written without a lock
         # (a lost race keeps an older revision, which only makes txn_once look further back).
         self._seen = (0, -math.inf)
@@ -657,9 +671,7 @@ class EtcdClient:
                     outcome = settle(retry)
                 except grpc.RpcError as exc:  # could not look yet: wait and look again
                     _scrub(exc)
-                    if not _retryable(exc):
-                        raise wrap_rpc_error(exc, what) from exc
-                    retry.pause(exc, what)
+                    self._retry_or_raise(retry, exc, what)
                     continue
                 if outcome is not RESEND:
                     return outcome
@@ -668,10 +680,38 @@ class EtcdClient:
                 return self._attempt(method, request, retry)
             except grpc.RpcError as exc:
                 _scrub(exc)  # _attempt's frame too, now that it is finished (it held the token)
-                if not _retryable(exc):
-                    raise wrap_rpc_error(exc, what) from exc
                 unsettled = settle is not None and not _surely_not_applied(exc)
-                retry.pause(exc, what)
+                self._retry_or_raise(retry, exc, what)
+
+    def _retry_or_raise(self, retry: _Retry, exc: grpc.RpcError, what: str) -> None:
+        """Wait before the next attempt after ``exc``, or raise it as an :class:`EtcdError`
+        (not retryable, or the deadline would pass); count either in the metrics."""
+        code, name = exc.code(), _code_name(exc)
+        if not _retryable(exc):
+            self.metrics.etcd_error(name)
+            raise wrap_rpc_error(exc, what) from exc
+        if code in _UNREACHABLE_CODES:
+            self._unreachable(name, exc.details() or "")
+        try:
+            retry.pause(exc, what)
+        except EtcdError:
+            self.metrics.etcd_error(name)
+            raise
+        self.metrics.etcd_retry(name)
+
+    def _unreachable(self, code: str, details: str) -> None:
+        """A call found etcd unreachable: say so once, until a call gets an answer again."""
+        with self._reach_lock:
+            if self._unreachable_since is not None:
+                return
+            self._unreachable_since = time.monotonic()
+        log.warning("etcd unreachable (%s: %s); retrying until it answers", code, details)
+
+    def _reachable(self) -> None:
+        with self._reach_lock:
+            since, self._unreachable_since = self._unreachable_since, None
+        if since is not None:
+            log.info("etcd reachable again after %.1fs", time.monotonic() - since)
 
     def _attempt(self, method: Method, request, retry: _Retry):
         """One attempt on the current link.
@@ -693,6 +733,8 @@ class EtcdClient:
             exc.retired = link.retired
             self._conn.failed(link, exc, timeout)
             raise
+        if self._unreachable_since is not None:
+            self._reachable()
         header = getattr(response, "header", None)
         if header is not None and header.revision > self._seen[0]:
             self._seen = (header.revision, time.monotonic())
@@ -1015,7 +1057,9 @@ class WatchStream:
                 if is_token_error(exc):
                     client._token_refused(token)
                 elif not is_transient(exc) and not _stream_ended(exc):
+                    client.metrics.etcd_error(_code_name(exc))
                     raise wrap_rpc_error(exc, "watch") from exc
+                client.metrics.etcd_retry(_code_name(exc))
                 log.debug("watch on %r broke (%s); resuming from revision %d",
                           self._key, exc.code(), self.next_revision)
             finally:

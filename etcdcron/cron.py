@@ -31,6 +31,7 @@ from etcdcron.errors import LifecycleError, StopTimeoutError, ValidationError
 from etcdcron.gc import CounterCollector
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys
+from etcdcron.metrics import NO_METRICS, Metrics, make_metrics
 from etcdcron.election import Elector, ElectionState
 from etcdcron.lease import LeaseKeeper
 from etcdcron.notify import Notifier
@@ -111,7 +112,12 @@ class Cron:
         comes later is ignored. A synchronous trigger cannot be interrupted: its worker is
         replaced (up to twice ``workers`` threads in all) and listed in ``health().stuck``
         until it returns. Default: no limit.
-    :param logger: where etcdcron logs (default ``logging.getLogger("etcdcron")``).
+    :param metrics_registry: the ``prometheus_client`` registry this Cron exports its metrics
+        into while it runs (from :meth:`start` to :meth:`stop`), with the labels ``namespace``
+        and ``replica``; by default ``prometheus_client.REGISTRY`` if ``prometheus_client`` is
+        installed (the ``etcdcron[metrics]`` extra), else none; ``None`` for none.
+    :param logger: where etcdcron logs (default: one logger per module,
+        ``logging.getLogger("etcdcron.<module>")``, e.g. ``etcdcron.election``).
     :param request_timeout: how long a CRUD call keeps retrying a failing etcd, in seconds.
     :param ca_cert: CA certificate file for TLS (``https://`` endpoints turn TLS on too).
     :param cert_key: client key file for TLS client authentication.
@@ -140,6 +146,7 @@ class Cron:
         counter_gc_interval: float | timedelta = 180,
         drain_timeout: float | timedelta | None = None,
         trigger_timeout: float | timedelta | None = None,
+        metrics_registry: object = options.DEFAULT_REGISTRY,
         logger: logging.Logger | None = None,
         request_timeout: float | timedelta = 10,
         ca_cert: str | None = None,
@@ -174,6 +181,8 @@ class Cron:
                                  else options.seconds("trigger_timeout", trigger_timeout, 0.001))
         self._gc_interval = options.seconds("counter_gc_interval", counter_gc_interval, 0.001)
         self._replica_data = options.pack_replica_data(replica_data)
+        self._metrics_registry = options.check_metrics_registry(metrics_registry)
+        self._metrics: Metrics = NO_METRICS
         self._log = logger or log
         self._clock = options.check_clock(clock)
 
@@ -227,6 +236,11 @@ class Cron:
 
     def _build(self) -> None:
         stop = self._stop_event
+        if self._metrics_registry is not None:
+            self._metrics = make_metrics(self._metrics_registry,
+                                         namespace=self._keys.namespace,
+                                         replica_id=self.replica_id)
+            self._client.metrics = self._metrics
         if self._on_leadership or self._consumer_sink:
             self._notifier = Notifier(self._log)
         emit = None
@@ -237,7 +251,8 @@ class Cron:
         self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
                               workers=self._workers, lease_valid=self._lease.valid, emit=emit,
                               staging=self._staging, stop=stop, clock=self._clock,
-                              trigger_timeout=self._trigger_timeout, logger=self._log)
+                              trigger_timeout=self._trigger_timeout, metrics=self._metrics,
+                              logger=self._log)
         self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
                                            self._log)
         # The loops without which an elected replica would fire nothing: one that keeps
@@ -249,9 +264,22 @@ class Cron:
                                 replica_id=self.replica_id, uid=random.getrandbits(64),
                                 replica_data=self._replica_data, static=self._static,
                                 activate=self._activate, deactivate=self._deactivate,
-                                on_elected=self._elected, stop=stop, logger=self._log)
+                                on_elected=self._elected, stop=stop, metrics=self._metrics,
+                                logger=self._log)
         for loop in essential:
             loop.on_stuck, loop.stuck_after = self._elector.resign, self._lease_ttl
+        if self._metrics.enabled:
+            engine = self._engine
+            self._metrics.bind_state(owned_jobs=lambda: len(engine.index),
+                                     staged_jobs=lambda: len(self._staging),
+                                     elected=self.is_elected, partition=self._partition)
+
+    def _partition(self) -> tuple[int, int] | None:
+        """``(index, total)`` of the partition this replica triggers, if elected."""
+        ownership = self._elector.ownership if self.is_elected() else None
+        if ownership is None or not ownership.indices:
+            return None
+        return min(ownership.indices), ownership.total
 
     def _threads(self) -> list[threading.Thread]:
         threads = []
@@ -337,6 +365,7 @@ class Cron:
             if thread.is_alive():
                 alive.append(thread.name)
         self._client.close()
+        self._metrics.close()
         with self._state_cond:
             self._set_state_locked(CronState.STOPPED)
         if alive:

@@ -61,6 +61,7 @@ from etcdcron.index import Ownership
 from etcdcron.keys import Keys
 from etcdcron.lease import LeaseKeeper
 from etcdcron.leaderwatch import LeaderWatch
+from etcdcron.metrics import NO_METRICS, Metrics
 from etcdcron.supervise import STUCK_FAILURES, Loop
 
 __all__ = ["Elector", "ElectionState", "ElectionBlocked", "quorum", "resign_backoff"]
@@ -169,8 +170,10 @@ class Elector:
                  uid: int, replica_data, static: tuple[int, int] | None,
                  activate: Callable[[Ownership], None], deactivate: Callable[[], None],
                  on_elected: Callable[[Ownership], None], stop: threading.Event,
-                 logger: logging.Logger | None = None, depends_on: Sequence[Loop] = ()):
+                 metrics: Metrics = NO_METRICS, logger: logging.Logger | None = None,
+                 depends_on: Sequence[Loop] = ()):
         self._client = client
+        self._metrics = metrics
         self._log = logger or log
         self._keys = keys
         self._lease = lease
@@ -328,7 +331,7 @@ class Elector:
     def _recover(self) -> None:
         """The loop raised and runs again (the supervisor logged why): end the session and read
         the keys afresh."""
-        self._end_session("the election loop restarted")
+        self._end_session("the election loop restarted", "restart")
         self.watch.relist()
 
     def _receive(self) -> None:
@@ -380,10 +383,14 @@ class Elector:
             record = None
         return _Member(record, kv.create_revision, kv.mod_revision, kv.lease)
 
-    def _end_session(self, why: str) -> None:
-        """Stop triggering (``is_elected()`` is False from here on), then drain."""
+    def _end_session(self, why: str, reason: str | None = None) -> None:
+        """Stop triggering (``is_elected()`` is False from here on), then drain.
+
+        :param reason: for the rebalance metric (``None``: not a rebalance, e.g. stopping)."""
         if self._session is None:
             return
+        if reason is not None:
+            self._metrics.rebalance(reason)
         self._log.info("replica %r: leaving partition(s) %s of %d: %s", self.replica_id,
                        sorted(self._session.indices), self._session.total, why)
         if self._state is ElectionState.ELECTED:
@@ -393,7 +400,7 @@ class Elector:
 
     def _block(self, why: str) -> None:
         """Wait, visibly: BLOCKED, a warning, and the reason as the loop's last error."""
-        self._end_session(why)
+        self._end_session(why, "blocked")
         self._log_once(logging.WARNING, "waiting: %s", why)
         if self._state is not ElectionState.BLOCKED:
             self._set_state(ElectionState.BLOCKED)
@@ -415,7 +422,7 @@ class Elector:
         with self._cond:
             why, self._resignation = self._resignation, None
         try:
-            self._end_session(f"resigning: {why}")
+            self._end_session(f"resigning: {why}", "resigned")
         finally:
             self._give_up_key()
             if self._state is not ElectionState.RESIGNED:
@@ -471,14 +478,14 @@ class Elector:
         lease = self._lease.current()
         if lease is None:
             self._claim = None
-            self._end_session("lease lost")
+            self._end_session("lease lost", "lease")
             if self._state is not ElectionState.CLAIMING:
                 self._set_state(ElectionState.CLAIMING)
             return
         lease_id, generation = lease
         if self._claim is None or self._claim.generation != generation:
             self._claim = None
-            self._end_session("new lease")
+            self._end_session("new lease", "lease")
             self._claim_key(lease_id, generation)
             return  # the watch will show the key (or its holder) and wake us
         mine = self._members.get(self._key)
@@ -487,7 +494,7 @@ class Elector:
                 self._log.warning("replica %r: its leadership key was deleted; claiming it again",
                                   self.replica_id)
                 self._claim = None
-                self._end_session("leadership key deleted")
+                self._end_session("leadership key deleted", "key")
                 self.wake()
             return
         if mine.mod_revision < self._claim.mod_revision:
@@ -497,7 +504,7 @@ class Elector:
             # passed after etcd applied it), or another writer's. The fence is what etcd holds.
             self._claim.mod_revision = mine.mod_revision
         if self._session is not None and self._session.fence_revision != mine.mod_revision:
-            self._end_session("its leadership key was written again")
+            self._end_session("its leadership key was written again", "key")
         undecodable = sorted(k.decode(errors="replace") for k, m in self._members.items()
                              if m.record is None)
         if undecodable:
@@ -568,7 +575,7 @@ class Elector:
         if self._session is not None:
             if self._ownership_membership == membership:
                 return
-            self._end_session(f"membership changed to {total} replica(s)")
+            self._end_session(f"membership changed to {total} replica(s)", "membership")
         if self._state is ElectionState.BLOCKED:
             self._set_state(ElectionState.WAITING)
         lagging = quorum(self._members)

@@ -64,6 +64,7 @@ from etcdcron.errors import EtcdError, EtcdUnavailableError
 from etcdcron.index import IN_FLIGHT, JobIndex, JobState, Ownership, Phase, decode_counter
 from etcdcron.informer import Informer
 from etcdcron.keys import Keys
+from etcdcron.metrics import NO_METRICS, Metrics
 from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
@@ -135,8 +136,14 @@ class Engine:
     def __init__(self, *, client: EtcdClient, keys: Keys, trigger: Callable, workers: int,
                  lease_valid: Callable[[int], bool], emit: Callable | None, staging: Staging,
                  stop: threading.Event, clock: Callable[[], float] = time.time,
-                 trigger_timeout: float | None = None, logger: logging.Logger | None = None):
+                 trigger_timeout: float | None = None, metrics: Metrics = NO_METRICS,
+                 logger: logging.Logger | None = None):
         self._log = logger or log
+        self._metrics = metrics
+        # Runs (name, token, run) that timed out and were counted as FAILED in the metrics:
+        # their late result is not counted again. Only with metrics on; set operations are
+        # atomic (the GIL), so it needs no lock of its own.
+        self._expired_runs: set[tuple[str, int, int]] = set()
         self._trigger_timeout = trigger_timeout
         self._client = client
         self._keys = keys
@@ -541,6 +548,8 @@ class Engine:
                                   "as FAILED", name,
                                   self._trigger_timeout if state.timeout is None
                                   else state.timeout)
+                if self._metrics.enabled:
+                    self._count_expired(state, token, run)
                 state.run += 1  # the trigger's own result, if it ever comes, is for no run
                 outcomes.append(Outcome(name, token, ownership, state.next.tick,
                                         TriggerResult.FAILED, run=state.run))
@@ -549,6 +558,14 @@ class Engine:
             self.recorder.put(outcome)
         for item in items:
             self.pool.expired(item)
+
+    def _count_expired(self, state: JobState, token: int, run: int) -> None:
+        """Count a trigger that timed out as FAILED (its deadline was set at its call)."""
+        timeout = self._trigger_timeout if state.timeout is None else state.timeout
+        called = state.deadline - (timeout or 0.0)
+        self._expired_runs.add((state.name, token, run))
+        self._metrics.trigger_done(TriggerResult.FAILED, called - state.next.tick.timestamp(),
+                                   timeout or 0.0)
 
     # -- worker threads --------------------------------------------------------------------------
 
@@ -615,6 +632,9 @@ class Engine:
         # For tests that audit deliveries (tests/chaos): as of when this delivery was known
         # current, in wall-clock seconds.
         _delivery.fresh_as_of = time.time() - (time.monotonic() - fresh)
+        timing = None
+        if self._metrics.enabled:  # (lateness, monotonic time of the call)
+            timing = (self._clock() - tick.timestamp(), time.monotonic())
         try:
             value = self._trigger(request)
         except BaseException as exc:  # noqa: BLE001 - SystemExit or a gevent Timeout too
@@ -624,10 +644,10 @@ class Engine:
         if isinstance(value, Future):
             value.add_done_callback(
                 lambda future: self._finish(name, token, run, tick, ownership,
-                                            self._future_value(name, future))
+                                            self._future_value(name, future), timing)
             )
         else:
-            self._finish(name, token, run, tick, ownership, value)
+            self._finish(name, token, run, tick, ownership, value, timing)
 
     def _give_back(self, name: str, token: int, run: int, tick) -> None:
         """The session ended before this replica could prove its view current: drop the
@@ -653,13 +673,22 @@ class Engine:
         return began
 
     def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
-                value: object) -> None:
-        """Hand a trigger's result on (a worker thread, or the thread that resolved its Future)."""
+                value: object, timing: tuple[float, float] | None = None) -> None:
+        """Hand a trigger's result on (a worker thread, or the thread that resolved its Future).
+
+        :param timing: with metrics on, the trigger's lateness and the monotonic time of its
+            call."""
         try:
             result = to_result(value)
         except Exception as exc:  # noqa: BLE001 - TypeError, or a value that fails to compare
             self._log.error("job %r: %s; counting it as FAILED", name, exc)
             result = TriggerResult.FAILED
+        if timing is not None:
+            expired = self._expired_runs
+            if not expired or (name, token, run) not in expired:
+                self._metrics.trigger_done(result, timing[0], time.monotonic() - timing[1])
+            else:
+                expired.discard((name, token, run))
         if result is not TriggerResult.UNDELIVERABLE:
             self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
             return
@@ -795,6 +824,7 @@ class Engine:
             self.recorder.retry_later(outcome, entry.backoff.next_delay())
             return
         if not response.succeeded:
+            self._metrics.unrecorded()
             self._log.warning("job %r: its in-flight key is gone (this replica's lease ran out); "
                               "its result is dropped and its next owner fires it again",
                               state.name)
@@ -874,6 +904,7 @@ class Engine:
                 backoff = (previous[1] if previous and previous[0] == token
                            else Backoff(base=0.1, cap=REFUSED_RETRY_CAP))
                 if previous is None or previous[0] != token:
+                    self._metrics.unrecorded()
                     self._log.error("job %r: etcd refused to record its result (%s); retrying "
                                     "until it succeeds, the job changes or the session ends",
                                     name, why)
@@ -883,6 +914,7 @@ class Engine:
 
     def _abandon(self, plans: list[_Plan], why: str) -> None:
         self._log.warning("not recording %d trigger results: %s", len(plans), why)
+        self._metrics.unrecorded(len(plans))
         with self.index.lock:
             for plan in plans:
                 state = self.index.get_locked(plan.outcome.name, plan.outcome.token)

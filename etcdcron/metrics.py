@@ -21,13 +21,9 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from etcdcron.errors import ValidationError
+from etcdcron.options import DEFAULT_REGISTRY, check_metrics_registry
 
 __all__ = ["Metrics", "NO_METRICS", "DEFAULT_REGISTRY", "make_metrics", "METRIC_NAMES"]
-
-#: Pass as the registry to export into ``prometheus_client.REGISTRY`` when it is installed
-#: (and to have no metrics when it is not).
-DEFAULT_REGISTRY = object()
 
 #: Buckets of ``etcdcron_trigger_lateness_seconds``: from a few ms (steady state) to an hour
 #: (catching up after downtime).
@@ -80,7 +76,10 @@ class Metrics:
 
     def rebalance(self, reason: str) -> None:
         """This replica left its partitions for a new election; ``reason`` is one of
-        ``membership``, ``lease``, ``key``, ``blocked``."""
+        ``membership`` (a replica joined or left), ``lease`` (the lease was lost or renewed
+        too late), ``key`` (the leadership key was deleted or written by another),
+        ``blocked`` (the election cannot go on), ``resigned`` (a loop kept failing),
+        ``restart`` (the election loop restarted)."""
 
     def unrecorded(self, count: int = 1) -> None:
         """``count`` trigger results could not be recorded in etcd (they fire again)."""
@@ -106,18 +105,9 @@ def make_metrics(registry=DEFAULT_REGISTRY, *, namespace: str, replica_id: str) 
         ``prometheus_client.REGISTRY`` if installed (else no metrics); ``None`` for none.
     :raises ValidationError: if ``registry`` is not a registry.
     """
+    registry = check_metrics_registry(registry)
     if registry is None:
         return NO_METRICS
-    if registry is DEFAULT_REGISTRY:
-        try:
-            import prometheus_client
-        except ImportError:
-            return NO_METRICS
-        registry = prometheus_client.REGISTRY
-    if not (callable(getattr(registry, "register", None))
-            and callable(getattr(registry, "collect", None))):
-        raise ValidationError(f"metrics_registry must be a prometheus_client CollectorRegistry "
-                              f"or None, got {registry!r}")
     return PrometheusMetrics(_families(registry), namespace, replica_id)
 
 

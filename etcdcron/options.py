@@ -33,6 +33,8 @@ __all__ = [
     "check_workers",
     "check_logger",
     "check_clock",
+    "check_metrics_registry",
+    "DEFAULT_REGISTRY",
     "pack_replica_data",
 ]
 
@@ -46,6 +48,10 @@ MAX_WORKERS = 4096
 MAX_REPLICA_DATA = 64 * 1024
 #: A namespace or replica id is part of every key; keep keys short.
 MAX_KEY_PART = 256
+
+#: The default of ``Cron(metrics_registry=...)``: ``prometheus_client.REGISTRY`` when
+#: ``prometheus_client`` is installed, no metrics when it is not.
+DEFAULT_REGISTRY = object()
 
 
 def seconds(name: str, value: object, minimum: float, maximum: float | None = None) -> float:
@@ -144,6 +150,27 @@ def check_clock(clock: object) -> Callable[[], float]:
     if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
         raise ValidationError(f"clock must return seconds since the epoch, got {now!r}")
     return clock
+
+
+def check_metrics_registry(registry: object) -> object | None:
+    """The ``prometheus_client`` registry to export into, or ``None`` for no metrics.
+
+    ``prometheus_client`` is imported only for :data:`DEFAULT_REGISTRY`; any other registry
+    is checked by its shape (``register`` and ``collect``), so ``None`` imports nothing.
+    """
+    if registry is None:
+        return None
+    if registry is DEFAULT_REGISTRY:
+        try:
+            import prometheus_client
+        except ImportError:
+            return None
+        return prometheus_client.REGISTRY
+    if not (callable(getattr(registry, "register", None))
+            and callable(getattr(registry, "collect", None))):
+        raise ValidationError(f"metrics_registry must be a prometheus_client CollectorRegistry "
+                              f"or None, got {registry!r}")
+    return registry
 
 
 def pack_replica_data(replica_data: object) -> any_pb2.Any | None:

@@ -93,6 +93,10 @@ class Staging:
         with self._lock:
             self._parked.clear()
 
+    def __len__(self) -> int:
+        """How many jobs are parked (read without the lock, for metrics)."""
+        return len(self._parked)
+
     def parked(self) -> list[str]:
         with self._lock:
             return sorted(self._parked)
