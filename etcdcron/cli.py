@@ -15,6 +15,7 @@ import argparse
 import base64
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
@@ -605,6 +606,9 @@ def run() -> None:
     """The console script: ``main()`` with SIGTERM stopping ``watch`` like Ctrl-C, and a closed
     pipe (``etcdcron list | head``) ending quietly."""
     signal.signal(signal.SIGTERM, _interrupt)
+    # Errors are reported as one line each by main(); the library's own log lines (such as
+    # "etcd unreachable") would add more through Python's last-resort handler.
+    logging.getLogger("etcdcron").addHandler(logging.NullHandler())
     if "GRPC_VERBOSITY" not in os.environ:
         _silence_native_stderr()
     try:

@@ -43,7 +43,7 @@ from etcdcron.validation import validate_prefix
 
 __all__ = ["Cron", "CronState"]
 
-log = logging.getLogger("etcdcron")
+log = logging.getLogger(__name__)
 
 #: Seconds a session's end waits for triggers in flight before handing them over (at most a
 #: quarter of the lease TTL).
@@ -183,10 +183,13 @@ class Cron:
         self._replica_data = options.pack_replica_data(replica_data)
         self._metrics_registry = options.check_metrics_registry(metrics_registry)
         self._metrics: Metrics = NO_METRICS
+        # The user's logger receives every component's lines; by default each component logs
+        # through its module's logger (etcdcron.election, etcdcron.engine, ...).
+        self._logger = logger
         self._log = logger or log
         self._clock = options.check_clock(clock)
 
-        self._keys = Keys(namespace, self._log)
+        self._keys = Keys(namespace, logger)
         self._client = connect(endpoints=endpoints, client=client, request_timeout=request_timeout,
                                ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert, user=user,
                                password=password)
@@ -242,19 +245,19 @@ class Cron:
                                          replica_id=self.replica_id)
             self._client.metrics = self._metrics
         if self._on_leadership or self._consumer_sink:
-            self._notifier = Notifier(self._log)
+            self._notifier = Notifier(self._logger)
         emit = None
         if self._consumer_sink is not None:
             emit = lambda event: self._notifier.call(self._consumer_sink, event)  # noqa: E731
         self._lease = LeaseKeeper(self._client, self._lease_ttl, stop, self._wake_elector,
-                                  self._log)
+                                  self._logger)
         self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
                               workers=self._workers, lease_valid=self._lease.valid, emit=emit,
                               staging=self._staging, stop=stop, clock=self._clock,
                               trigger_timeout=self._trigger_timeout, metrics=self._metrics,
-                              logger=self._log)
+                              logger=self._logger)
         self._collector = CounterCollector(self._client, self._keys, self._gc_interval, stop,
-                                           self._log)
+                                           self._logger)
         # The loops without which an elected replica would fire nothing: one that keeps
         # failing makes the replica resign its partitions. They work only while elected, so
         # the replica claims again after its backoff to find out whether they work again.
@@ -265,7 +268,7 @@ class Cron:
                                 replica_data=self._replica_data, static=self._static,
                                 activate=self._activate, deactivate=self._deactivate,
                                 on_elected=self._elected, stop=stop, metrics=self._metrics,
-                                logger=self._log)
+                                logger=self._logger)
         for loop in essential:
             loop.on_stuck, loop.stuck_after = self._elector.resign, self._lease_ttl
         if self._metrics.enabled:
@@ -528,7 +531,7 @@ class Cron:
         """
         self._check_open()
         return job_statuses(self._client, self._keys, prefix,
-                            LocalView.of(self._elector, self._staging), logger=self._log)
+                            LocalView.of(self._elector, self._staging), logger=self._logger)
 
     def __repr__(self) -> str:
         return (f"<Cron namespace={self._keys.namespace!r} replica_id={self.replica_id!r} "

@@ -211,7 +211,7 @@ class Elector:
         self._resigned_until = 0.0  # monotonic
         self._runs = 0
         lease.on_stuck = self.resign  # a lease that cannot be kept gives the partitions up
-        self.watch = LeaderWatch(client, keys, stop, self._inbox.put, self._log,
+        self.watch = LeaderWatch(client, keys, stop, self._inbox.put, logger,
                                  on_stuck=self.resign, stuck_after=lease.ttl)
         self.loop = Loop("etcdcron-election", self._run, stopping=self._halt.is_set,
                          wait=self._pause, on_stuck=self.resign, stuck_after=lease.ttl,

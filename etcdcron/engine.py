@@ -152,7 +152,7 @@ class Engine:
         self._emit = emit
         self._stop = stop
         self._clock = clock
-        self.index = JobIndex(self._log)
+        self.index = JobIndex(logger)
         # Notified (under the index lock) whenever a job leaves RUNNING.
         self._drained = threading.Condition(self.index.lock)
         # Jobs whose result etcd refused, by name: (token, backoff, last error). Guarded by
@@ -167,10 +167,10 @@ class Engine:
         # name -> _Handed. Index lock.
         self._handed: dict[str, _Handed] = {}
         self.staging = staging
-        self.timer = Timer(self._dispatch, clock, self._log, on_expired=self._expire)
-        self.pool = WorkerPool(workers, self._run, self._log)
-        self.recorder = Recorder(self._commit, self._log)
-        self.informer = Informer(client, keys, self, stop, self._log)
+        self.timer = Timer(self._dispatch, clock, logger, on_expired=self._expire)
+        self.pool = WorkerPool(workers, self._run, logger)
+        self.recorder = Recorder(self._commit, logger)
+        self.informer = Informer(client, keys, self, stop, logger)
 
     @property
     def loops(self) -> list:
@@ -635,19 +635,21 @@ class Engine:
         timing = None
         if self._metrics.enabled:  # (lateness, monotonic time of the call)
             timing = (self._clock() - tick.timestamp(), time.monotonic())
+        raised = False
         try:
             value = self._trigger(request)
         except BaseException as exc:  # noqa: BLE001 - SystemExit or a gevent Timeout too
             self._log.error("trigger for job %r raised; counting it as FAILED", name,
                             exc_info=exc)
-            value = TriggerResult.FAILED
+            value, raised = TriggerResult.FAILED, True
         if isinstance(value, Future):
             value.add_done_callback(
-                lambda future: self._finish(name, token, run, tick, ownership,
-                                            self._future_value(name, future), timing)
+                lambda future: self._finish(
+                    name, token, run, tick, ownership, self._future_value(name, future), timing,
+                    logged=future.cancelled() or future.exception() is not None)
             )
         else:
-            self._finish(name, token, run, tick, ownership, value, timing)
+            self._finish(name, token, run, tick, ownership, value, timing, logged=raised)
 
     def _give_back(self, name: str, token: int, run: int, tick) -> None:
         """The session ended before this replica could prove its view current: drop the
@@ -673,16 +675,20 @@ class Engine:
         return began
 
     def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
-                value: object, timing: tuple[float, float] | None = None) -> None:
+                value: object, timing: tuple[float, float] | None = None,
+                logged: bool = False) -> None:
         """Hand a trigger's result on (a worker thread, or the thread that resolved its Future).
 
         :param timing: with metrics on, the trigger's lateness and the monotonic time of its
-            call."""
+            call.
+        :param logged: whether its failure was logged already (it raised)."""
         try:
             result = to_result(value)
         except Exception as exc:  # noqa: BLE001 - TypeError, or a value that fails to compare
             self._log.error("job %r: %s; counting it as FAILED", name, exc)
-            result = TriggerResult.FAILED
+            result, logged = TriggerResult.FAILED, True
+        if result is TriggerResult.FAILED and not logged:
+            self._log.warning("job %r: its trigger returned FAILED", name)
         if timing is not None:
             expired = self._expired_runs
             if not expired or (name, token, run) not in expired:

@@ -40,8 +40,10 @@ def to_result(value: object) -> TriggerResult:
         value = value.result
     if isinstance(value, int) and value in TriggerResult._value2member_map_:
         return TriggerResult(value)
+    # Only a number is shown: any other value may carry the job's payload, never logged.
+    shown = repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
     raise TypeError(
-        f"trigger returned {value!r}; expected a TriggerResult, True, False, None or a Future"
+        f"trigger returned {shown}; expected a TriggerResult, True, False, None or a Future"
     )
 
 
