@@ -6,6 +6,11 @@ keeps working for callers that do not know etcdcron.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
 __all__ = [
     "EtcdCronError",
     "ValidationError",
@@ -49,7 +54,7 @@ class EtcdError(EtcdCronError):
     :ivar details: the server's or the transport's description of the failure.
     """
 
-    def __init__(self, message: str, code=None, details: str = ""):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, details: str = ""):
         super().__init__(message)
         self.code = code
         self.details = details

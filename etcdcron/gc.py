@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -31,7 +32,8 @@ __all__ = ["CounterCollector", "find_garbage"]
 log = logging.getLogger(__name__)
 
 
-def find_garbage(jobs: dict[str, tuple[int | None, int]], counters: list) -> list[tuple]:
+def find_garbage(jobs: dict[str, tuple[int | None, int]],
+                 counters: list[tuple[str, Any]]) -> list[tuple[str, int, int]]:
     """The garbage among ``counters`` (``(name, KeyValue)`` pairs of ``NS/counters/``).
 
     :param jobs: ``name -> (partition_id or None if undecodable, mod_revision)``.
@@ -105,7 +107,7 @@ class CounterCollector:
 
     def sweep(self) -> int:
         """Delete the garbage counters of the namespace; returns how many were deleted."""
-        kw = {"stop": self._stop, "forever": True}
+        kw: dict[str, Any] = {"stop": self._stop, "forever": True}
         _, job_kvs, counters = list_jobs_and_counters(self._client, self._keys, **kw)
         jobs = {}
         for kv in job_kvs:

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from etcdcron._pb import stored_pb2
+from google.protobuf import any_pb2
+
+from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.schedule import Schedule, parse_duration, parse_schedule
 from etcdcron.ticks import Pending, pending
 
@@ -77,12 +79,12 @@ class Ownership:
     """
 
     total: int
-    indices: frozenset
+    indices: frozenset[int]
     fence_key: bytes
     fence_revision: int
     lease_generation: int = 0
     epoch: int = 0
-    replicas: tuple = field(default=(), compare=False)
+    replicas: tuple[any_pb2.Any | None, ...] = field(default=(), compare=False)
     lease_id: int = 0
 
     def owns(self, partition_id: int) -> bool:
@@ -204,7 +206,7 @@ class JobState:
         self._record = None
 
 
-def _timeout_of(job) -> float | None:
+def _timeout_of(job: api_pb2.Job) -> float | None:
     try:
         return parse_duration(job.trigger_timeout).total_seconds()
     except ValueError:

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,6 +23,9 @@ from etcdcron.index import Ownership
 from etcdcron.keys import Keys, prefix_end
 from etcdcron.store import list_jobs_and_counters
 from etcdcron.supervise import Loop
+
+if TYPE_CHECKING:
+    from etcdcron.engine import Engine
 
 __all__ = ["Informer", "ReadBarrier"]
 
@@ -90,7 +94,7 @@ class Informer:
         ``apply_events(ownership, events)``.
     """
 
-    def __init__(self, client: EtcdClient, keys: Keys, engine, stop: threading.Event,
+    def __init__(self, client: EtcdClient, keys: Keys, engine: Engine, stop: threading.Event,
                  logger: logging.Logger | None = None):
         self._client = client
         self._log = logger or log

@@ -87,7 +87,8 @@ class Keys:
             self.skip_once(key, "skipping %s key %r: its name is not UTF-8", kind, key)
             return None
 
-    def skip_once(self, what: object, message: str, *args, level: int = logging.WARNING) -> None:
+    def skip_once(self, what: object, message: str, *args: object,
+                  level: int = logging.WARNING) -> None:
         """Log ``message`` the first time ``what`` (a key, or a key and a revision) is skipped."""
         with self._lock:
             if what in self._skipped:

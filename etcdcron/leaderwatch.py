@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from etcdcron._etcd import Backoff, Compacted, EtcdClient, Stopped, WatchStream
 from etcdcron.errors import EtcdError
@@ -35,7 +36,7 @@ class LeaderWatch:
     """
 
     def __init__(self, client: EtcdClient, keys: Keys, stop: threading.Event,
-                 deliver: Callable[[tuple], None], logger: logging.Logger | None = None, *,
+                 deliver: Callable[[tuple[Any, ...]], None], logger: logging.Logger | None = None, *,
                  on_stuck: Callable[[str], None] | None = None, stuck_after: float = 0.0):
         self._client = client
         self._log = logger or log

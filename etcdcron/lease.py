@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import grpc
 
-from etcdcron._etcd import Backoff, EtcdClient, Stopped
+from etcdcron._etcd import Backoff, EtcdClient, KeepAliveStream, Stopped
 from etcdcron.errors import EtcdError
 from etcdcron.supervise import Loop
 
@@ -96,7 +96,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._lease_id = 0
         self._validity = (0, 0.0, 0.0)
-        self._stream = None
+        self._stream: KeepAliveStream | None = None
         self.on_stuck: Callable[[str], None] | None = None
         self.loop = Loop("etcdcron-lease", self._run, stopping=stop.is_set, wait=stop.wait,
                          on_stuck=self._stuck, stuck_after=ttl, logger=self._log)

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from etcdcron.supervise import Loop
 
@@ -24,7 +25,8 @@ _STOP = object()
 class Notifier:
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or log
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # (function, args) to call, or _STOP
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self.loop = Loop("etcdcron-notify", self._loop, stopping=self._stopped.is_set,
                          wait=self._stopped.wait, logger=self._log)
@@ -33,7 +35,7 @@ class Notifier:
     def start(self) -> None:
         self.loop.start()
 
-    def call(self, function: Callable, *args) -> None:
+    def call(self, function: Callable[..., object], *args: object) -> None:
         """Run ``function(*args)`` on the notifier thread, after every call queued before it."""
         self._queue.put((function, args))
 

@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import cast
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -118,6 +119,7 @@ def check_partitions(replica_id: object, partition_id: object,
     for name, value in (("partition_id", partition_id), ("partition_total", partition_total)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValidationError(f"{name} must be an int, got {value!r}")
+    partition_id, partition_total = cast(int, partition_id), cast(int, partition_total)
     if not 1 <= partition_total <= MAX_PARTITIONS:
         raise ValidationError(f"partition_total must be in [1, 2**64 - 1], got {partition_total}")
     if not 0 <= partition_id < partition_total:
@@ -191,4 +193,4 @@ def pack_replica_data(replica_data: object) -> any_pb2.Any | None:
     if size > MAX_REPLICA_DATA:
         raise ValidationError(f"replica_data must serialize to at most {MAX_REPLICA_DATA} bytes, "
                               f"got {size}")
-    return packed
+    return cast(any_pb2.Any, packed)

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -72,7 +73,7 @@ class Recorder:
                  logger: logging.Logger | None = None, threads: int = THREADS):
         self._commit = commit
         self._log = logger or log
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # Outcome, _WAKE or _STOP
         self._stopped = threading.Event()
         # Guards _later: outcomes to try again, (monotonic due time, seq, outcome).
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class Recorder:
         self._backlog.set()
         self._queue.put(_STOP)
 
-    def _next_batch(self) -> list:
+    def _next_batch(self) -> list[Outcome]:
         with self._lock:
             timeout = max(0.0, self._later[0][0] - time.monotonic()) if self._later else None
         try:
@@ -145,7 +146,7 @@ class Recorder:
             self._backlog.wait()
             if self._stopped.is_set():
                 return
-            batch = []
+            batch: list[Outcome] = []
             while len(batch) < MAX_BATCH and self._queue.qsize():
                 try:
                     item = self._queue.get_nowait()

@@ -35,7 +35,7 @@ class DeliverableHandle:
     def __enter__(self) -> DeliverableHandle:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf.message import DecodeError
@@ -64,7 +65,8 @@ def decode_job_or_none(value: bytes, name: str, revision: int,
         return None
 
 
-def list_jobs_and_counters(client: EtcdClient, keys: Keys, **kw) -> tuple[int, list, dict]:
+def list_jobs_and_counters(client: EtcdClient, keys: Keys,
+                           **kw: Any) -> tuple[int, list[Any], dict[str, Any]]:
     """Every job and counter of the namespace at one revision: ``(revision, job kvs, {name:
     counter kv})``, both in key order."""
     revision, jobs = client.list_prefix(keys.jobs, **kw)

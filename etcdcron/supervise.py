@@ -21,6 +21,7 @@ which one lock guards.
 from __future__ import annotations
 
 import logging
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class Health:
     """
 
     state: object
-    election: object
+    election: enum.Enum | None
     elected: bool
     threads: dict[str, LoopHealth] = field(default_factory=dict)
     unrecorded: tuple[str, ...] = ()
@@ -117,7 +118,7 @@ class Health:
                   for name, why in self.unschedulable.items()]
         lines += [f"job {name!r}: its trigger is stuck past its timeout" for name in self.stuck]
         if getattr(self.election, "name", None) in ("BLOCKED", "RESIGNED"):
-            lines.append(f"the election is {self.election.name.lower()}")
+            lines.append(f"the election is {getattr(self.election, 'name', '').lower()}")
         return lines
 
 

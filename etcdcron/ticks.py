@@ -139,7 +139,7 @@ def _anchor(counter: stored_pb2.Counter) -> datetime | None:
     ``None`` if it is past the end of ``datetime``."""
     moments = [_moment(getattr(counter, field)) for field in ("last_trigger", "last_skipped")
                if counter.HasField(field)]
-    return None if None in moments else max(moments)
+    return None if None in moments else max(m for m in moments if m is not None)
 
 
 def _resumed(job: stored_pb2.Job) -> datetime | None:
@@ -255,13 +255,13 @@ def catch_up(job: stored_pb2.Job, schedule: Schedule | None, delivery: Pending, 
         while skipped < budget and (following := later(tick)) is not None and following <= now:
             last, tick, due, skipped = tick, following, following, skipped + 1
         if skipped == budget:
-            return last, skipped
+            return last, skipped  # type: ignore[return-value]  # set: skipped > 0
     if window is not None and now - due > window:
         last, skipped = tick, skipped + 1
         while skipped < budget and (following := later(tick)) is not None and \
                 now - following > window:
             last, tick, skipped = following, following, skipped + 1
-    return (last, skipped) if skipped else None
+    return (last, skipped) if skipped else None  # type: ignore[return-value]  # set: skipped
 
 
 def _window(text: str) -> timedelta | None:

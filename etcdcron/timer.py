@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from etcdcron.supervise import Loop
 
@@ -39,12 +40,12 @@ class TimerHeap:
     often they are replaced or deleted.
     """
 
-    def __init__(self):
-        self._heap: list[tuple[float, int, str, int]] = []
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any, Any]] = []
         self._seq = itertools.count()
-        self._live: dict[str, int] = {}  # name -> seq of its live entry
+        self._live: dict[Any, int] = {}  # name (or key) -> seq of its live entry
 
-    def push(self, due: float, name: str, token: int) -> bool:
+    def push(self, due: float, name: Any, token: Any) -> bool:
         """Add an entry (replacing any other of ``name``); returns whether it is now the
         earliest."""
         entry = (due, next(self._seq), name, token)
@@ -58,7 +59,7 @@ class TimerHeap:
         if self._live.pop(name, None) is not None:
             self._compact()
 
-    def _stale(self, entry: tuple[float, int, str, int]) -> bool:
+    def _stale(self, entry: tuple[float, int, Any, Any]) -> bool:
         return self._live.get(entry[2]) != entry[1]
 
     def _compact(self) -> None:
@@ -74,7 +75,7 @@ class TimerHeap:
     def pop_due(self, now: float, most: int | None = None) -> list[tuple[str, int]]:
         """Remove and return ``(name, token)`` of the entries due at or before ``now``, in
         order: every one, or the first ``most``."""
-        due = []
+        due: list[tuple[Any, Any]] = []
         while self._heap and self._heap[0][0] <= now and (most is None or len(due) < most):
             entry = heapq.heappop(self._heap)
             if not self._stale(entry):
@@ -109,7 +110,7 @@ class Timer:
 
     def __init__(self, on_due: Callable[[list[tuple[str, int]]], None],
                  clock: Callable[[], float] = time.time, logger: logging.Logger | None = None,
-                 on_expired: Callable[[list[tuple]], None] | None = None):
+                 on_expired: Callable[[list[tuple[Any, Any]]], None] | None = None):
         self._on_due = on_due
         self._on_expired = on_expired
         self._log = logger or log
@@ -188,7 +189,7 @@ class Timer:
                     return
             try:
                 if expired:
-                    self._on_expired(expired)
+                    self._on_expired(expired)  # type: ignore[misc]  # set with deadlines
             except BaseException:
                 self.arm_deadlines([(now, key, token) for key, token in expired])
                 self.arm_many([(now, name, token) for name, token in due])

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from etcdcron._pb import api_pb2
 from etcdcron.api import TriggerResult
@@ -61,14 +62,14 @@ class WorkerPool:
         self._run = run
         self._log = logger or log
         self._size = size
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (name, token, run) or _STOP
         self._stopped = threading.Event()
         self._names = itertools.count()
         # Guards _loops, _current and _retired: the worker loops, what each one runs (by loop
         # name), and the loops stuck past a timeout that leave after their item.
         self._lock = threading.Lock()
         self._loops: list[Loop] = [self._new_loop() for _ in range(size)]
-        self._current: dict[str, tuple] = {}
+        self._current: dict[str, tuple[str, int, int]] = {}
         self._retired: set[str] = set()
 
     def _new_loop(self) -> Loop:
@@ -94,11 +95,11 @@ class WorkerPool:
         for loop in self.loops:
             loop.start()
 
-    def submit(self, items: Iterable[tuple]) -> None:
+    def submit(self, items: Iterable[tuple[str, int, int]]) -> None:
         for item in items:
             self._queue.put(item)
 
-    def expired(self, item: tuple) -> None:
+    def expired(self, item: tuple[str, int, int]) -> None:
         """The trigger of ``item`` ran past its timeout: if a worker is still in it, replace
         that worker (up to twice the pool's size in all)."""
         with self._lock:
