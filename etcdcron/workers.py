@@ -41,8 +41,11 @@ def to_result(value: object) -> TriggerResult:
         value = value.result
     if isinstance(value, int) and value in TriggerResult._value2member_map_:
         return TriggerResult(value)
-    # Only a number is shown: any other value may carry the job's payload, never logged.
-    shown = repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+    # A short scalar is shown; anything else only by its type: it may carry the job's payload
+    # (a TriggerRequest returned by mistake), which is never logged.
+    shown = repr(value)
+    if not isinstance(value, (int, float, str, bytes)) or len(shown) > 40:
+        shown = f"a {type(value).__name__}"
     raise TypeError(
         f"trigger returned {shown}; expected a TriggerResult, True, False, None or a Future"
     )

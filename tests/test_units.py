@@ -405,7 +405,18 @@ def test_to_result(value, expected):
 def test_to_result_rejects_anything_else(value):
     with pytest.raises(TypeError) as info:
         to_result(value)
-    assert repr(value) in str(info.value)
+    scalar = isinstance(value, (int, float, str, bytes))
+    assert (repr(value) if scalar else f"a {type(value).__name__}") in str(info.value)
+
+
+def test_to_result_does_not_show_a_message_it_is_given():
+    """A trigger that returns its request by mistake: the error (which is logged) names the
+    type only, never the payload in it."""
+    request = api_pb2.TriggerRequest(name="x")
+    request.payload.value = b"secret-payload"
+    with pytest.raises(TypeError, match="trigger returned a TriggerRequest;") as info:
+        to_result(request)
+    assert "secret" not in str(info.value)
 
 
 # -- WorkerPool ----------------------------------------------------------------------------------
