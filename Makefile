@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PROTO_VENV ?= .venv-proto
 
-.PHONY: all install demo test test-unit bench docs chaos proto check-protobuf clean
+.PHONY: all install demo test test-unit typecheck bench docs chaos proto check-protobuf clean
 
 all: test
 
@@ -25,6 +25,10 @@ test: $(VENV)/.installed-test
 
 test-unit: $(VENV)/.installed-test
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# mypy --strict, configured in setup.cfg [mypy] (the generated etcdcron/_pb excluded).
+typecheck: $(VENV)/.installed-test
+	$(PY) -m mypy --strict etcdcron
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/run.py

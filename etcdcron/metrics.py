@@ -20,8 +20,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from etcdcron.options import DEFAULT_REGISTRY, check_metrics_registry
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from etcdcron.api import TriggerResult
 
 __all__ = ["Metrics", "NO_METRICS", "DEFAULT_REGISTRY", "make_metrics", "METRIC_NAMES"]
 
@@ -59,7 +65,7 @@ class Metrics:
     #: Whether anything is recorded (callers may skip work that only feeds metrics).
     enabled = False
 
-    def trigger_done(self, result, lateness: float, duration: float) -> None:
+    def trigger_done(self, result: TriggerResult, lateness: float, duration: float) -> None:
         """A trigger returned (or its Future resolved).
 
         :param result: the :class:`~etcdcron.TriggerResult`.
@@ -98,7 +104,8 @@ class Metrics:
 NO_METRICS = Metrics()
 
 
-def make_metrics(registry=DEFAULT_REGISTRY, *, namespace: str, replica_id: str) -> Metrics:
+def make_metrics(registry: object = DEFAULT_REGISTRY, *, namespace: str,
+                 replica_id: str) -> Metrics:
     """The metrics of one Cron.
 
     :param registry: a ``prometheus_client.CollectorRegistry``; :data:`DEFAULT_REGISTRY` for
@@ -108,16 +115,16 @@ def make_metrics(registry=DEFAULT_REGISTRY, *, namespace: str, replica_id: str) 
     registry = check_metrics_registry(registry)
     if registry is None:
         return NO_METRICS
-    return PrometheusMetrics(_families(registry), namespace, replica_id)
+    return PrometheusMetrics(_families(cast("CollectorRegistry", registry)), namespace, replica_id)
 
 
 class _Families:
     """The metric families of one registry, shared by every Cron exporting into it."""
 
-    def __init__(self, registry):
+    def __init__(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
-        def kw(name, text):
+        def kw(name: str, text: str) -> dict[str, Any]:
             return {"name": name, "documentation": text, "labelnames": _LABELS,
                     "registry": registry}
 
@@ -153,13 +160,13 @@ class _Families:
         # Guards _users: (namespace, replica) -> [how many live Crons export those labels,
         # the (metric, extra label value) pairs used with them].
         self.lock = threading.Lock()
-        self._users: dict[tuple[str, str], list] = {}
+        self._users: dict[tuple[str, str], list[Any]] = {}
 
     def join(self, labels: tuple[str, str]) -> None:
         with self.lock:
             self._users.setdefault(labels, [0, set()])[0] += 1
 
-    def child(self, metric, labels: tuple[str, str], value: str):
+    def child(self, metric: Any, labels: tuple[str, str], value: str) -> Any:
         """The series of ``metric`` with ``labels`` and one more label ``value``."""
         with self.lock:
             self._users[labels][1].add((metric, value))
@@ -185,10 +192,11 @@ class _Families:
 
 # Guards _by_registry: registry -> its _Families.
 _registries_lock = threading.Lock()
-_by_registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = (
+    weakref.WeakKeyDictionary())
 
 
-def _families(registry) -> _Families:
+def _families(registry: CollectorRegistry) -> _Families:
     with _registries_lock:
         families = _by_registry.get(registry)
         if families is None:
@@ -214,14 +222,14 @@ class PrometheusMetrics(Metrics):
         # Guards _closed (close() is idempotent) and _children (extra label value -> series).
         self._lock = threading.Lock()
         self._closed = False
-        self._children: dict = {}
+        self._children: dict[tuple[Any, str], Any] = {}
 
-    def trigger_done(self, result, lateness: float, duration: float) -> None:
+    def trigger_done(self, result: TriggerResult, lateness: float, duration: float) -> None:
         self._results[result.name.lower()].inc()
         self._lateness.observe(max(0.0, lateness))
         self._duration.observe(max(0.0, duration))
 
-    def _child(self, metric, value: str):
+    def _child(self, metric: Any, value: str) -> Any:
         key = (metric, value)
         child = self._children.get(key)
         if child is None:
@@ -242,7 +250,9 @@ class PrometheusMetrics(Metrics):
     def unrecorded(self, count: int = 1) -> None:
         self._unrecorded.inc(count)
 
-    def bind_state(self, *, owned_jobs, staged_jobs, elected, partition) -> None:
+    def bind_state(self, *, owned_jobs: Callable[[], int], staged_jobs: Callable[[], int],
+                   elected: Callable[[], bool],
+                   partition: Callable[[], tuple[int, int] | None]) -> None:
         f, labels = self._families, self._labels
         f.owned.labels(*labels).set_function(owned_jobs)
         f.staged.labels(*labels).set_function(staged_jobs)

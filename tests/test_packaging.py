@@ -44,3 +44,20 @@ def test_generated_code_works_with_the_supported_protobuf_runtimes(tmp_path, req
         assert version == "5.29.0"
     else:
         assert version.split(".")[0] in {"5", "6", "7"}
+
+
+def test_the_package_is_typed_and_its_stubs_are_shipped():
+    """PEP 561: ``py.typed`` and the ``.pyi`` stubs of the generated messages are package data
+    (setup.cfg), so editors and mypy see ``Job(...)``'s fields in an installed etcdcron."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    data = config["options.package_data"]
+    assert data["etcdcron"].split() == ["py.typed"]
+    assert data["etcdcron._pb"].split() == ["*.pyi"]
+    assert (ROOT / "etcdcron" / "py.typed").is_file()
+    for module in ("api_pb2", "stored_pb2"):
+        stub = (ROOT / "etcdcron" / "_pb" / f"{module}.pyi").read_text()
+        assert "class " in stub and "def __init__" in stub
+
