@@ -51,7 +51,7 @@ import zoneinfo
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 import isodate
@@ -182,7 +182,7 @@ class CronSchedule(Schedule):
         after_wall = _next_second(wall)
         in_second_pass = fold is not None and local.fold == 1
         ticks = []
-        first_start = fold.end if in_second_pass else after_wall
+        first_start = fold.end if in_second_pass and fold is not None else after_wall
         first_wall = self._next_wall(first_start, _search_limit(wall, _LAST_ZONED_WALL))
         if first_wall is not None:
             ticks.append(self._first_instant(first_wall))
@@ -203,11 +203,13 @@ class CronSchedule(Schedule):
         day = self._next_day(start.year, start.month, start.day + 1, limit.year)
         if day is None:
             return None
-        found = datetime(*day, _ceil(self.hours, 0), _ceil(self.minutes, 0),
-                         _ceil(self.seconds, 0))
+        # A field never matches nothing (parsing rejects it), so each _ceil(..., 0) is an int.
+        found = datetime(*day, cast(int, _ceil(self.hours, 0)), cast(int, _ceil(self.minutes, 0)),
+                         cast(int, _ceil(self.seconds, 0)))
         return found if found <= limit else None
 
-    def _next_day(self, year: int, month: int, day: int, last_year: int) -> tuple | None:
+    def _next_day(self, year: int, month: int, day: int,
+                  last_year: int) -> tuple[int, int, int] | None:
         """Return ``(year, month, day)`` of the first matching day at or after the given one
         (``day`` may be past the month's end), in ``last_year`` at the latest."""
         while year <= last_year:
@@ -265,8 +267,9 @@ class CronSchedule(Schedule):
 
     def _fold_around(self, local: datetime) -> _Fold | None:
         """Return the repeated wall-clock interval containing ``local``, if any."""
-        offset = local.utcoffset()
-        other = local.replace(fold=1 - local.fold).utcoffset()
+        # ``local`` is aware (in self.zone), so neither offset is None.
+        offset = cast(timedelta, local.utcoffset())
+        other = cast(timedelta, local.replace(fold=1 - local.fold).utcoffset())
         if offset == other:
             return None
         earlier, later = (other, offset) if local.fold else (offset, other)
@@ -293,7 +296,7 @@ class CronSchedule(Schedule):
         return before + timedelta(seconds=high)
 
     def _offset(self, instant: datetime) -> timedelta:
-        return instant.astimezone(self.zone).utcoffset()
+        return cast(timedelta, instant.astimezone(self.zone).utcoffset())  # aware: never None
 
 
 class _Fold(NamedTuple):
@@ -568,6 +571,7 @@ def parse_go_duration(value: str) -> timedelta:
     position = 0
     while position < len(text):
         term = _GO_TERM.match(text, position)
+        assert term is not None  # every part of _GO_TERM is optional: it always matches
         whole, fraction, unit = term.groups()
         if not whole and not fraction:
             raise _go_error(value, f"no number before {text[position:]!r}")
@@ -588,7 +592,8 @@ def _go_term_nanos(whole: str, fraction: str, unit: int) -> int:
     # Digits past these cannot matter (the result is range-checked, then cut to microseconds),
     # and int() refuses strings of thousands of digits.
     whole, fraction = whole.lstrip("0")[:21], fraction[:30]
-    return int(whole or 0) * unit + int(fraction or 0) * unit // 10 ** len(fraction)
+    scale: int = 10 ** len(fraction)  # int ** int is Any to mypy (a negative power is a float)
+    return int(whole or 0) * unit + int(fraction or 0) * unit // scale
 
 
 def _go_error(value: str, reason: str) -> ValueError:
@@ -675,7 +680,8 @@ def _parse_rfc3339(match: re.Match[str], value: str) -> datetime:
     zone = timezone(-offset if sign == "-" else offset)
     micros = int((fraction or "")[:6].ljust(6, "0"))
     try:
-        moment = datetime(*map(int, date_and_time), micros, tzinfo=zone)
+        year, month, day, hour, minute, second = map(int, date_and_time)  # six groups
+        moment = datetime(year, month, day, hour, minute, second, micros, tzinfo=zone)
         return moment.astimezone(UTC)
     except (ValueError, OverflowError) as error:
         raise ValueError(f"{value!r} is not a valid RFC 3339 time: {error}") from None
