@@ -22,6 +22,7 @@ import re
 import ssl
 import threading
 import time
+from typing import Any, cast
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -214,7 +215,8 @@ def read_tls(spec: ConnectionSpec) -> tuple[bytes | None, bytes | None, bytes | 
                                   f"({exc})") from None
     if cert is not None:
         try:  # the key must be unencrypted (gRPC cannot ask for a passphrase)
-            context.load_cert_chain(spec.cert_cert, spec.cert_key, password=lambda: b"")
+            # cert was read from spec.cert_cert, so that path is set
+            context.load_cert_chain(cast(str, spec.cert_cert), spec.cert_key, password=lambda: b"")
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise ValidationError(
                 f"cert_cert {spec.cert_cert!r} and cert_key {spec.cert_key!r} are not a PEM "
@@ -290,6 +292,7 @@ def open_channel(endpoint: Endpoint, spec: ConnectionSpec,
     ]
     if not spec.tls:
         return grpc.insecure_channel(endpoint.target, options=options)
+    assert material is not None  # Connection._tls_material reads it for every TLS spec
     credentials = grpc.ssl_channel_credentials(*material)
     return grpc.secure_channel(endpoint.target, credentials, options=options)
 
@@ -336,11 +339,11 @@ class Connection:
         self._closed = False
         self._current = 0
         # The TLS files as last read and found good (read again for every new link).
-        self._material = None
+        self._material: tuple[bytes | None, bytes | None, bytes | None] | None = None
         if channel is not None:
             self._links: list[Link | None] = [Link(0, None, channel, owned=False)]
         else:
-            self._links = [None] * len(spec.endpoints)
+            self._links = [None] * len(cast(ConnectionSpec, spec).endpoints)  # given without channel
 
     @property
     def size(self) -> int:
@@ -363,9 +366,12 @@ class Connection:
             link = self._links[index]
             if link is not None:
                 return link
+        # a caller's channel is never dropped from _links: only a spec's endpoints are opened
+        assert self.spec is not None
         endpoint = self.spec.endpoints[index]
-        fresh = Link(index, endpoint, open_channel(endpoint, self.spec, self._tls_material()),
-                      owned=True)
+        fresh: Link | None = Link(index, endpoint,
+                                  open_channel(endpoint, self.spec, self._tls_material()),
+                                  owned=True)
         with self._lock:
             link = self._links[index]
             if link is None and not self._closed:
@@ -377,9 +383,10 @@ class Connection:
             raise EtcdError("this etcd client is closed")
         return link
 
-    def _tls_material(self):
+    def _tls_material(self) -> tuple[bytes | None, bytes | None, bytes | None] | None:
         """The TLS files read now (renewed certificates are taken up on reconnect); if they cannot
         be used (half rewritten, say), the ones read before, with a warning."""
+        assert self.spec is not None  # only link() calls it, to open a link of the spec
         if not self.spec.tls:
             return None
         try:
@@ -410,6 +417,7 @@ class Connection:
             self._links[link.index] = None
             if self._current == link.index:
                 self._current = (link.index + 1) % self.size
+            assert self.spec is not None  # an owned link is one of the spec's endpoints
             following = self.spec.endpoints[self._current]
         if self.size > 1:
             log.info("etcd %s failed (%s: %s); using %s from now on", link.endpoint, code.name,
@@ -441,10 +449,10 @@ class ConnectionPool:
     uses its parent's.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         # Guards _entries: key -> [connection, users].
         self._lock = threading.Lock()
-        self._entries: dict[tuple, list] = {}
+        self._entries: dict[tuple[int, ConnectionSpec], list[Any]] = {}
 
     def acquire(self, spec: ConnectionSpec) -> Connection:
         key = (os.getpid(), spec)
@@ -453,7 +461,7 @@ class ConnectionPool:
             if entry is None:
                 entry = self._entries[key] = [Connection(spec), 0]
             entry[1] += 1
-            return entry[0]
+            return cast(Connection, entry[0])
 
     def release(self, connection: Connection) -> None:
         with self._lock:
@@ -482,10 +490,10 @@ class Method:
         self.service = service
         self.name = name
 
-    def on(self, link: Link):
+    def on(self, link: Link) -> Any:
         return getattr(link.stubs[self.service], self.name)
 
-    def __call__(self, request, **kw):
+    def __call__(self, request: Any, **kw: Any) -> Any:
         return self.on(self._conn.link())(request, **kw)
 
 

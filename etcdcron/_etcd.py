@@ -38,6 +38,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
+from typing import Any, cast
 
 import grpc
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -363,7 +364,8 @@ class _Retry:
                 return
 
 
-def _invoke(fn, request, timeout: float, metadata, stop: threading.Event | None):
+def _invoke(fn: Any, request: Any, timeout: float, metadata: Sequence[tuple[str, str]],
+            stop: threading.Event | None) -> Any:
     """One attempt of a unary call; with a ``stop`` event, it is cancelled when that is set."""
     if stop is None:
         return fn(request, timeout=timeout, metadata=metadata)
@@ -377,8 +379,10 @@ def _invoke(fn, request, timeout: float, metadata, stop: threading.Event | None)
     return future.result()
 
 
-def connect(*, endpoints=None, client=None, request_timeout: float | timedelta = 10.0,
-            ca_cert=None, cert_key=None, cert_cert=None, user=None, password=None) -> EtcdClient:
+def connect(*, endpoints: str | Sequence[str] | None = None, client: Any = None,
+            request_timeout: float | timedelta = 10.0, ca_cert: str | None = None,
+            cert_key: str | None = None, cert_cert: str | None = None, user: str | None = None,
+            password: str | None = None) -> EtcdClient:
     """The :class:`EtcdClient` for :class:`~etcdcron.Cron`'s connection options.
 
     ``endpoints`` defaults to ``127.0.0.1:2379``. ``client`` is an existing, unauthenticated
@@ -512,7 +516,8 @@ class EtcdClient:
                             "request travel in clear text", self._credentials.user)
             self._conn = connections.acquire(spec)
             # released by close(), or when this client is garbage collected unclosed
-            self._release = weakref.finalize(self, connections.release, self._conn)
+            self._release: Callable[[], object] | None = weakref.finalize(
+                self, connections.release, self._conn)
         else:
             self._conn = Connection(None, channel)
             self._release = None
@@ -594,6 +599,7 @@ class EtcdClient:
                 mine = pending is None
                 if mine:
                     pending = self._token_pending = threading.Event()
+            assert pending is not None  # the event of another thread, or the one just made
             if not mine:  # another thread is authenticating
                 retry.wait_for(pending, "authentication")
                 continue
@@ -615,6 +621,7 @@ class EtcdClient:
         :raises grpc.RpcError: if it failed transiently (the caller retries).
         :raises EtcdError: if etcd refused the credentials.
         """
+        assert self._credentials is not None  # _token_for authenticates only with credentials
         link = self._conn.link()
         timeout = retry.attempt_timeout()
         try:
@@ -640,14 +647,14 @@ class EtcdClient:
     def call(
         self,
         method: Method,
-        request,
+        request: Any,
         what: str,
         *,
         deadline: float | None = None,
         stop: threading.Event | None = None,
         forever: bool = False,
         settle: Callable[[_Retry], object] | None = None,
-    ):
+    ) -> Any:
         """Call a unary RPC (``client._kv.Range`` and the like), retrying transient failures.
 
         :param deadline: ``time.monotonic()`` value after which to give up; by default
@@ -667,6 +674,7 @@ class EtcdClient:
         while True:
             retry.check_stop()
             if unsettled:
+                assert settle is not None  # unsettled is only ever set with a settle callback
                 try:
                     outcome = settle(retry)
                 except grpc.RpcError as exc:  # could not look yet: wait and look again
@@ -713,7 +721,7 @@ class EtcdClient:
         if since is not None:
             log.info("etcd reachable again after %.1fs", time.monotonic() - since)
 
-    def _attempt(self, method: Method, request, retry: _Retry):
+    def _attempt(self, method: Method, request: Any, retry: _Retry) -> Any:
         """One attempt on the current link.
 
         :raises grpc.RpcError: the attempt's failure, its frames scrubbed, the link's failover
@@ -730,7 +738,7 @@ class EtcdClient:
             _scrub(exc)
             if is_token_error(exc):
                 self._token_refused(token)
-            exc.retired = link.retired
+            exc.retired = link.retired  # type: ignore[attr-defined]  # read back by _retryable
             self._conn.failed(link, exc, timeout)
             raise
         if self._unreachable_since is not None:
@@ -741,31 +749,32 @@ class EtcdClient:
         return response
 
     def range(self, key: bytes, range_end: bytes = b"", *, revision: int = 0, limit: int = 0,
-              keys_only: bool = False, count_only: bool = False, **kw) -> rpc.RangeResponse:
+              keys_only: bool = False, count_only: bool = False, **kw: Any) -> rpc.RangeResponse:
         request = rpc.RangeRequest(key=key, range_end=range_end, revision=revision, limit=limit,
                                    keys_only=keys_only, count_only=count_only)
         return self.call(self._kv.Range, request, "range", **kw)
 
-    def get(self, key: bytes, **kw):
+    def get(self, key: bytes, **kw: Any) -> Any:
         """The ``KeyValue`` at ``key``, or ``None``."""
         response = self.range(key, **kw)
         return response.kvs[0] if response.kvs else None
 
-    def put(self, key: bytes, value: bytes, *, lease: int = 0, **kw) -> rpc.PutResponse:
+    def put(self, key: bytes, value: bytes, *, lease: int = 0, **kw: Any) -> rpc.PutResponse:
         return self.call(self._kv.Put, rpc.PutRequest(key=key, value=value, lease=lease), "put",
                          **kw)
 
-    def delete(self, key: bytes, range_end: bytes = b"", **kw) -> rpc.DeleteRangeResponse:
+    def delete(self, key: bytes, range_end: bytes = b"",
+               **kw: Any) -> rpc.DeleteRangeResponse:
         request = rpc.DeleteRangeRequest(key=key, range_end=range_end)
         return self.call(self._kv.DeleteRange, request, "delete", **kw)
 
     def txn(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
-            failure: Sequence[rpc.RequestOp] = (), **kw) -> rpc.TxnResponse:
+            failure: Sequence[rpc.RequestOp] = (), **kw: Any) -> rpc.TxnResponse:
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         return self.call(self._kv.Txn, request, "transaction", **kw)
 
     def txn_encoded(self, compare: Sequence[bytes], success: Sequence[bytes],
-                    **kw) -> rpc.TxnResponse:
+                    **kw: Any) -> rpc.TxnResponse:
         """:meth:`txn` of compares and ops given as their wire bytes (see
         :func:`guarded_write`): the request is parsed from them in one go."""
         body = b"".join([*(_ld(1, c) for c in compare), *(_ld(2, op) for op in success)])
@@ -773,7 +782,7 @@ class EtcdClient:
 
     def txn_once(self, compare: Sequence[rpc.Compare], success: Sequence[rpc.RequestOp],
                  failure: Sequence[rpc.RequestOp] = (), *, witness: tuple[bytes, bytes],
-                 **kw) -> rpc.TxnResponse | None:
+                 **kw: Any) -> rpc.TxnResponse | None:
         """A transaction applied at most once, although retried.
 
         etcd may apply a request whose answer never arrives (a timeout, a member lost, a leader
@@ -797,17 +806,17 @@ class EtcdClient:
         since = self._revision_before_write(key, kw)
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
 
-        def settle(retry: _Retry):
+        def settle(retry: _Retry) -> object:
             return None if self._put_since(key, value, since, retry) else RESEND
 
         return self.call(self._kv.Txn, request, "transaction", settle=settle, **kw)
 
-    def _revision_before_write(self, key: bytes, kw: dict) -> int:
+    def _revision_before_write(self, key: bytes, kw: dict[str, Any]) -> int:
         """A revision etcd had reached before the write about to be sent."""
         revision, seen_at = self._seen
         if time.monotonic() - seen_at <= _FRESH_REVISION:
             return revision
-        return self.range(key, count_only=True, **kw).header.revision
+        return cast(int, self.range(key, count_only=True, **kw).header.revision)
 
     def _put_since(self, key: bytes, value: bytes, since: int, retry: _Retry) -> bool:
         """Whether ``key`` was set to ``value`` at some revision after ``since``.
@@ -818,7 +827,7 @@ class EtcdClient:
         now = self._attempt(self._kv.Range, rpc.RangeRequest(key=key), retry)
         kv = now.kvs[0] if now.kvs else None
         if kv is not None and (kv.value == value or kv.mod_revision <= since):
-            return kv.value == value
+            return cast(bool, kv.value == value)
         # Changed or gone since: read the key at every revision in between (~140k revisions/s).
         end = now.header.revision
         for start in range(since + 1, end + 1, _HISTORY_BATCH):
@@ -841,17 +850,17 @@ class EtcdClient:
                   key)
         return False
 
-    def compact(self, revision: int, **kw) -> None:
+    def compact(self, revision: int, **kw: Any) -> None:
         self.call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True),
                   "compact", **kw)
 
-    def current_revision(self, key: bytes = b"\0", **kw) -> int:
+    def current_revision(self, key: bytes = b"\0", **kw: Any) -> int:
         """etcd's current revision, read linearizably through ``key`` (a user whose roles
         cover only a prefix must name a key under it)."""
-        return self.range(key, count_only=True, **kw).header.revision
+        return cast(int, self.range(key, count_only=True, **kw).header.revision)
 
     def iter_prefix(self, prefix: bytes, *, revision: int = 0, page_size: int = 100,
-                    keys_only: bool = False, **kw) -> Iterator[tuple[int, list]]:
+                    keys_only: bool = False, **kw: Any) -> Iterator[tuple[int, list[Any]]]:
         """Page through every key under ``prefix`` at one revision.
 
         Yields ``(revision, kvs)`` per page, in key order. The first page fixes the revision
@@ -886,16 +895,17 @@ class EtcdClient:
                 return
             key = response.kvs[-1].key + b"\0"
 
-    def list_prefix(self, prefix: bytes, *, revision: int = 0, **kw) -> tuple[int, list]:
+    def list_prefix(self, prefix: bytes, *, revision: int = 0,
+                    **kw: Any) -> tuple[int, list[Any]]:
         """Every key under ``prefix`` at one revision, read page by page: ``(revision, kvs)``."""
-        kvs: list = []
+        kvs: list[Any] = []
         for revision, page in self.iter_prefix(prefix, revision=revision, **kw):
             kvs.extend(page)
         return revision, kvs
 
     # -- leases ----------------------------------------------------------------------------------
 
-    def lease_grant(self, ttl: int, **kw) -> tuple[int, int]:
+    def lease_grant(self, ttl: int, **kw: Any) -> tuple[int, int]:
         """Grant a lease; returns ``(lease id, granted ttl)``."""
         response = self.call(self._lease.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), "lease grant",
                              **kw)
@@ -903,7 +913,7 @@ class EtcdClient:
             raise EtcdError(f"etcd lease grant failed: {response.error}", details=response.error)
         return response.ID, response.TTL
 
-    def lease_revoke(self, lease_id: int, **kw) -> None:
+    def lease_revoke(self, lease_id: int, **kw: Any) -> None:
         try:
             self.call(self._lease.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease_id), "lease revoke",
                       **kw)
@@ -932,16 +942,16 @@ class _RequestQueue:
 
     _END = object()
 
-    def __init__(self):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-    def put(self, request) -> None:
+    def put(self, request: Any) -> None:
         self._queue.put(request)
 
     def close(self) -> None:
         self._queue.put(self._END)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         while True:
             item = self._queue.get()
             if item is self._END:
@@ -960,7 +970,8 @@ _FRAGMENT_FIELD = 7
 def _is_fragment(response: rpc.WatchResponse) -> bool:
     """Whether more of the same response follows in the next message."""
     return any(field.field_number == _FRAGMENT_FIELD and field.data
-               for field in unknown_fields.UnknownFieldSet(response))
+               # the stub lacks __iter__: iteration goes through __getitem__ and __len__
+               for field in unknown_fields.UnknownFieldSet(response))  # type: ignore[attr-defined]
 
 
 def _stream_ended(exc: grpc.RpcError) -> bool:
@@ -995,7 +1006,7 @@ class WatchStream:
         self._on_progress = on_progress
         # Guards _call and _requests: cancel() may run on another thread than the reader.
         self._lock = threading.Lock()
-        self._call = None
+        self._call: Any = None  # the grpc stream call
         self._requests: _RequestQueue | None = None
         self._cancelled = threading.Event()
 
@@ -1017,7 +1028,8 @@ class WatchStream:
         if requests is not None:
             requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
-    def _open(self, link: Link, metadata) -> tuple[object, _RequestQueue] | None:
+    def _open(self, link: Link,
+              metadata: Sequence[tuple[str, str]]) -> tuple[object, _RequestQueue] | None:
         requests = _RequestQueue()
         create = rpc.WatchCreateRequest(key=self._key, range_end=self._range_end,
                                         start_revision=self.next_revision, progress_notify=True)
@@ -1032,7 +1044,7 @@ class WatchStream:
             self._call, self._requests = call, requests
         return call, requests
 
-    def __iter__(self) -> Iterator[list]:
+    def __iter__(self) -> Iterator[list[Any]]:
         backoff = Backoff()
         client = self._client
         while not self._cancelled.is_set():
@@ -1068,8 +1080,8 @@ class WatchStream:
             if self._cancelled.wait(backoff.next_delay()):
                 return
 
-    def _read(self, call, token: str | None) -> Iterator[list]:
-        fragments: list = []
+    def _read(self, call: Any, token: str | None) -> Iterator[list[Any]]:
+        fragments: list[Any] = []
         for response in call:
             if response.compact_revision:
                 raise Compacted(response.compact_revision)
@@ -1114,7 +1126,7 @@ class KeepAliveStream:
         self._requests = _RequestQueue()
         self._lease_id = lease_id
         # Monotonic send times of unanswered requests, oldest first; etcd answers in order.
-        self._sent: queue.SimpleQueue = queue.SimpleQueue()
+        self._sent: queue.SimpleQueue[float] = queue.SimpleQueue()
         # Guards _answered and _timer: the count of answers, and the watchdog of the last send.
         self._lock = threading.Lock()
         self._answered = 0
