@@ -51,7 +51,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
+from google.protobuf import any_pb2
 from google.protobuf.message import EncodeError
 
 from etcdcron._etcd import EtcdClient, Stopped, cmp_create, op_delete, op_put
@@ -85,7 +87,8 @@ RESIGN_MEMORY = 6.0
 def resign_backoff(resignations: int, ttl: float) -> float:
     """Seconds a replica stays out after its ``resignations``-th resignation in a row: half a
     lease TTL, doubling each time, at most three TTLs."""
-    return min(3.0 * ttl, ttl / 2 * 2 ** min(resignations - 1, 16))
+    # int ** int is Any to mypy (a negative power is a float)
+    return min(3.0 * ttl, ttl / 2 * cast(float, 2 ** min(resignations - 1, 16)))
 
 
 class ElectionState(enum.Enum):
@@ -134,7 +137,7 @@ class _Claim:
     mod_revision: int  # of our last write of the key
 
 
-def _membership(members: Mapping[bytes, _Member]) -> tuple:
+def _membership(members: Mapping[bytes, _Member]) -> tuple[tuple[bytes, int], ...]:
     return tuple((key, members[key].create_revision) for key in sorted(members))
 
 
@@ -147,7 +150,7 @@ def quorum(members: Mapping[bytes, _Member]) -> list[bytes]:
     total = len(members)
     newest = max((m.create_revision for m in members.values()), default=0)
     return [key for key, m in sorted(members.items())
-            if m.record.total != total or m.mod_revision < newest]
+            if cast(stored_pb2.Leadership, m.record).total != total or m.mod_revision < newest]
 
 
 class Elector:
@@ -167,11 +170,11 @@ class Elector:
     """
 
     def __init__(self, *, client: EtcdClient, keys: Keys, lease: LeaseKeeper, replica_id: str,
-                 uid: int, replica_data, static: tuple[int, int] | None,
+                 uid: int, replica_data: any_pb2.Any | None, static: tuple[int, int] | None,
                  activate: Callable[[Ownership], None], deactivate: Callable[[], None],
                  on_elected: Callable[[Ownership], None], stop: threading.Event,
                  metrics: Metrics = NO_METRICS, logger: logging.Logger | None = None,
-                 depends_on: Sequence[Loop] = ()):
+                 depends_on: Sequence[Loop] = ()) -> None:
         self._client = client
         self._metrics = metrics
         self._log = logger or log
@@ -187,7 +190,7 @@ class Elector:
         self._on_elected = on_elected
         # Set by halt(): leave the loop, end the session; etcd calls of this thread abort on it.
         self._halt = threading.Event()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         # Guards _state, _ownership and _resignation; notified on every state change.
         self._cond = threading.Condition(threading.Lock())
         self._state = ElectionState.CLAIMING
@@ -200,7 +203,7 @@ class Elector:
         self._changed_at = 0.0  # monotonic time the membership last changed
         self._wake_at: float | None = None  # monotonic time the loop must evaluate again
         self._claim: _Claim | None = None
-        self._ownership_membership: tuple = ()
+        self._ownership_membership: tuple[tuple[bytes, int], ...] = ()
         self._epoch = 0
         self._logged: set[str] = set()
         self._blocked = False  # whether the loop reported why it waits (no progress meanwhile)
@@ -285,7 +288,7 @@ class Elector:
             self._ownership = ownership
             self._cond.notify_all()
 
-    def _log_once(self, level: int, message: str, *args) -> None:
+    def _log_once(self, level: int, message: str, *args: object) -> None:
         text = message % args
         if text not in self._logged:
             self._logged.add(text)
@@ -351,7 +354,7 @@ class Elector:
             except queue.Empty:
                 break
 
-    def _take(self, message: tuple) -> None:
+    def _take(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "snapshot":
             _, kvs, revision = message
@@ -375,7 +378,8 @@ class Elector:
             self._watched_revision = max(self._watched_revision, revision)
 
     @staticmethod
-    def _member(kv) -> _Member:
+    def _member(kv: Any) -> _Member:
+        record: stored_pb2.Leadership | None
         record = stored_pb2.Leadership()
         try:
             record.ParseFromString(kv.value)
@@ -557,9 +561,12 @@ class Elector:
         self._set_state(ElectionState.WAITING)
 
     def _evaluate_static(self) -> None:
+        assert self._static is not None  # _evaluate calls it in static mode only
         partition_id, total = self._static
-        others = {k.decode(errors="replace"): m.record.total for k, m in self._members.items()
-                  if m.record.total != total}
+        # _evaluate calls it once every record is decoded
+        others = {k.decode(errors="replace"): cast(stored_pb2.Leadership, m.record).total
+                  for k, m in self._members.items()
+                  if cast(stored_pb2.Leadership, m.record).total != total}
         if others:
             if self._session is None:
                 raise ElectionBlocked(f"not starting: this replica's partition total is {total} "
@@ -569,6 +576,7 @@ class Elector:
             self._elect(total, frozenset([partition_id]), ())
 
     def _evaluate_dynamic(self, lease_id: int) -> None:
+        assert self._claim is not None  # _evaluate calls it with the key claimed
         keys = sorted(self._members)
         membership = _membership(self._members)
         total = len(keys)
@@ -609,17 +617,23 @@ class Elector:
             return
         self._warn_at = now + patience
         newest = max(m.create_revision for m in self._members.values())
-        who = ", ".join(f"{self._keys.replica_id(k)!r} (total {self._members[k].record.total} "
+        # the lagging keys come from quorum(), which reads decoded records only
+        who = ", ".join(f"{self._keys.replica_id(k)!r} "
+                        f"(total {cast(stored_pb2.Leadership, self._members[k].record).total} "
                         f"at revision {self._members[k].mod_revision})" for k in lagging)
         self._log.warning("replica %r: no quorum after %.0fs: waiting for %s to acknowledge the "
                           "%d members (total %d, written at revision >= %d)", self.replica_id,
                           now - self._waiting_since, who, len(self._members),
                           len(self._members), newest)
 
-    def _elect(self, total: int, indices: frozenset, membership: tuple) -> None:
+    def _elect(self, total: int, indices: frozenset[int],
+               membership: tuple[tuple[bytes, int], ...]) -> None:
+        assert self._claim is not None  # elected only with the key claimed
         self._epoch += 1
+        # every record is decoded by now (_evaluate checks that first)
         replicas = tuple(
-            m.record.replica_data if m.record.HasField("replica_data") else None
+            cast(stored_pb2.Leadership, m.record).replica_data
+            if cast(stored_pb2.Leadership, m.record).HasField("replica_data") else None
             for _, m in sorted(self._members.items())
         )
         ownership = Ownership(total=total, indices=indices, fence_key=self._key,
