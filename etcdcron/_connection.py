@@ -343,7 +343,8 @@ class Connection:
         if channel is not None:
             self._links: list[Link | None] = [Link(0, None, channel, owned=False)]
         else:
-            self._links = [None] * len(cast(ConnectionSpec, spec).endpoints)  # given without channel
+            # a spec is given when no channel is
+            self._links = [None] * len(cast(ConnectionSpec, spec).endpoints)
 
     @property
     def size(self) -> int:
