@@ -34,10 +34,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from etcd3.etcdrpc import kv_pb2
 from etcd3.etcdrpc import rpc_pb2 as rpc
@@ -71,6 +72,10 @@ from etcdcron.store import decode_job_or_none
 from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
 from etcdcron.timer import Timer
 from etcdcron.workers import WorkerPool, to_result
+
+if TYPE_CHECKING:
+    from etcdcron.schedule import Schedule
+    from etcdcron.supervise import Loop
 
 __all__ = ["Engine"]
 
@@ -133,8 +138,10 @@ class Engine:
     :param emit: queues an ``InformerEvent`` for the consumer sink (or ``None``).
     """
 
-    def __init__(self, *, client: EtcdClient, keys: Keys, trigger: Callable, workers: int,
-                 lease_valid: Callable[[int], bool], emit: Callable | None, staging: Staging,
+    def __init__(self, *, client: EtcdClient, keys: Keys,
+                 trigger: Callable[[api_pb2.TriggerRequest], object], workers: int,
+                 lease_valid: Callable[[int], bool],
+                 emit: Callable[[api_pb2.InformerEvent], None] | None, staging: Staging,
                  stop: threading.Event, clock: Callable[[], float] = time.time,
                  trigger_timeout: float | None = None, metrics: Metrics = NO_METRICS,
                  logger: logging.Logger | None = None):
@@ -173,7 +180,7 @@ class Engine:
         self.informer = Informer(client, keys, self, stop, logger)
 
     @property
-    def loops(self) -> list:
+    def loops(self) -> list[Loop]:
         """The supervised loops of the engine's threads."""
         return [self.informer.loop, self.timer.loop, *self.recorder.loops, *self.pool.loops]
 
@@ -251,14 +258,15 @@ class Engine:
         """Write NS/inflight/NAME for triggers still running at the end of ``ownership``'s
         session, fenced by it (election thread). Those not written are dropped: their next
         owner fires the tick again."""
-        claimed = set()
+        claimed: set[str] = set()
         for start in range(0, len(states), MAX_BATCH):
             batch = states[start:start + MAX_BATCH]
+            # cast: taken to be deliveries, with a next (a RUNNING state to be deleted has none)
             ops = [op_txn([cmp_mod(self._keys.job(state.name), state.mod_revision)],
                           [op_put(self._keys.in_flight(state.name), stored_pb2.InFlight(
                               job_partition_id=state.partition_id,
-                              tick=to_timestamp(state.next.tick)).SerializeToString(),
-                              lease=ownership.lease_id)])
+                              tick=to_timestamp(cast(Pending, state.next).tick)
+                          ).SerializeToString(), lease=ownership.lease_id)])
                    for state in batch]
             try:
                 if not ownership.lease_id:
@@ -299,7 +307,7 @@ class Engine:
 
     # -- informer thread -------------------------------------------------------------------------
 
-    def _decode(self, kv, ownership: Ownership) -> tuple[str, stored_pb2.Job] | None:
+    def _decode(self, kv: Any, ownership: Ownership) -> tuple[str, stored_pb2.Job] | None:
         """The name and record of a job key, if it is one of this namespace's jobs and owned."""
         name = self._keys.job_name(kv.key)
         if name is None:
@@ -309,8 +317,8 @@ class Engine:
             return None
         return name, record
 
-    def load(self, ownership: Ownership, jobs: list, counters: dict, claims: list,
-             revision: int) -> None:
+    def load(self, ownership: Ownership, jobs: list[Any], counters: dict[str, Any],
+             claims: list[Any], revision: int) -> None:
         """Take a full listing at ``revision``: load owned jobs, forget the ones not listed.
 
         ``claims`` are the ``NS/inflight/`` keys at that revision."""
@@ -329,7 +337,7 @@ class Engine:
         # In chunks, each under the lock once and armed at once: the timer, the workers and the
         # recorder go on (and the first jobs fire) while a big listing loads.
         for start in range(0, max(len(owned), 1), LOAD_CHUNK):
-            arms: list = []
+            arms: list[tuple[float, str, int]] = []
             with self.index.lock:
                 if self.index.ownership is not ownership:
                     return
@@ -348,8 +356,8 @@ class Engine:
             self._drained.notify_all()
         self._log.debug("loaded %d owned jobs at revision %d", len(listed), revision)
 
-    def apply_events(self, ownership: Ownership, events: list) -> None:
-        arms: list = []
+    def apply_events(self, ownership: Ownership, events: list[Any]) -> None:
+        arms: list[tuple[float, str, int]] = []
         with self.index.lock:
             if self.index.ownership is not ownership:
                 return
@@ -379,7 +387,7 @@ class Engine:
         state = self.index.get_locked(name, token)
         return state is not None and state.phase is Phase.ARMED
 
-    def _decode_claim(self, kv) -> tuple[str, int] | None:
+    def _decode_claim(self, kv: Any) -> tuple[str, int] | None:
         """``(name, claimed partition id)`` of an ``NS/inflight/NAME`` key, if it is ours."""
         name = self._keys.in_flight_name(kv.key)
         if name is None:
@@ -393,7 +401,7 @@ class Engine:
             return None
         return name, claim.job_partition_id
 
-    def _claim_event_locked(self, event, ownership: Ownership) -> None:
+    def _claim_event_locked(self, event: Any, ownership: Ownership) -> None:
         """Another replica's trigger of a job started (put) or ended (delete) running."""
         if event.type == kv_pb2.Event.DELETE:
             name = self._keys.in_flight_name(event.kv.key)
@@ -415,7 +423,9 @@ class Engine:
             self.index.set_phase_locked(state, Phase.HANDOFF)
             self.timer.discard(name)
 
-    def _put_locked(self, entry: tuple, ownership: Ownership, arms: list) -> None:
+    def _put_locked(self, entry: tuple[str, stored_pb2.Job, int, stored_pb2.Counter | None, int,
+                                       bytes],
+                    ownership: Ownership, arms: list[tuple[float, str, int]]) -> None:
         """Load one job version; one that cannot be scheduled is logged once and skipped."""
         name, mod_revision = entry[0], entry[2]
         try:
@@ -435,7 +445,8 @@ class Engine:
         else:
             self._loaded_locked(state, ownership, arms)
 
-    def _loaded_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
+    def _loaded_locked(self, state: JobState, ownership: Ownership,
+                       arms: list[tuple[float, str, int]]) -> None:
         self.staging.discard(state.name)
         self._refused.pop(state.name, None)
         self._emit_put(state)
@@ -473,7 +484,8 @@ class Engine:
         if self._emit is not None:
             self._emit(event)
 
-    def _arm_locked(self, state: JobState, ownership: Ownership, arms: list) -> None:
+    def _arm_locked(self, state: JobState, ownership: Ownership,
+                    arms: list[tuple[float, str, int]]) -> None:
         """Put ``state`` where its ``next`` says: the timer, or the recorder to be deleted; or
         in HANDOFF while another replica's trigger of it still runs."""
         if self.index.ownership is not ownership:
@@ -498,6 +510,7 @@ class Engine:
 
     def _dispatch(self, entries: list[tuple[str, int]]) -> None:
         now = self._clock()
+        deadlines: list[tuple[float, object, object]]
         ready, early, deadlines = [], [], []
         with self.index.lock:
             if self.index.ownership is None:
@@ -506,7 +519,7 @@ class Engine:
                 state = self.index.get_locked(name, token)
                 if state is None or state.phase is not Phase.ARMED:
                     continue
-                due = state.next.due.timestamp()
+                due = cast(Pending, state.next).due.timestamp()  # ARMED: it has a next
                 if due > now:  # the wall clock stepped back since the timer looked
                     early.append((due, name, token))
                     continue
@@ -515,7 +528,8 @@ class Engine:
         self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
 
-    def _start_run_locked(self, state: JobState, deadlines: list) -> tuple[str, int, int]:
+    def _start_run_locked(self, state: JobState,
+                          deadlines: list[tuple[float, object, object]]) -> tuple[str, int, int]:
         """Hand ``state``'s next delivery to a worker: RUNNING, a new run, and its deadline (to
         be armed by the caller once the lock is released)."""
         self.index.set_phase_locked(state, Phase.RUNNING)
@@ -526,10 +540,12 @@ class Engine:
             deadlines.append((state.deadline, state.name, (state.token, state.run)))
         return state.name, state.token, state.run
 
-    def _expire(self, entries: list[tuple]) -> None:
+    def _expire(self, entries: list[tuple[Any, Any]]) -> None:
         """Triggers that ran past their deadline (timer thread): each counts as FAILED, and a
         result that still comes is ignored."""
         outcomes, items = [], []
+        state: JobState | None
+        ownership: Ownership | None
         with self.index.lock:
             for key, (token, run) in entries:
                 if isinstance(key, tuple):  # ("handed", name): handed over, still running here
@@ -551,7 +567,8 @@ class Engine:
                 if self._metrics.enabled:
                     self._count_expired(state, token, run)
                 state.run += 1  # the trigger's own result, if it ever comes, is for no run
-                outcomes.append(Outcome(name, token, ownership, state.next.tick,
+                # cast: its deadline was armed with a delivery, which has a next
+                outcomes.append(Outcome(name, token, ownership, cast(Pending, state.next).tick,
                                         TriggerResult.FAILED, run=state.run))
                 items.append((name, token, run))
         for outcome in outcomes:
@@ -564,7 +581,9 @@ class Engine:
         timeout = self._trigger_timeout if state.timeout is None else state.timeout
         called = state.deadline - (timeout or 0.0)
         self._expired_runs.add((state.name, token, run))
-        self._metrics.trigger_done(TriggerResult.FAILED, called - state.next.tick.timestamp(),
+        # cast: its deadline was armed with a delivery, which has a next
+        self._metrics.trigger_done(TriggerResult.FAILED,
+                                   called - cast(Pending, state.next).tick.timestamp(),
                                    timeout or 0.0)
 
     # -- worker threads --------------------------------------------------------------------------
@@ -600,6 +619,7 @@ class Engine:
         if fresh is None:
             self._give_back(name, token, run, tick)
             return
+        assert ownership is not None  # fresh is None without one
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if (state is None or state.phase is not Phase.RUNNING or state.next is None
@@ -651,7 +671,7 @@ class Engine:
         else:
             self._finish(name, token, run, tick, ownership, value, timing, logged=raised)
 
-    def _give_back(self, name: str, token: int, run: int, tick) -> None:
+    def _give_back(self, name: str, token: int, run: int, tick: datetime) -> None:
         """The session ended before this replica could prove its view current: drop the
         delivery without firing (a handed-over one releases its in-flight key)."""
         with self.index.lock:
@@ -674,7 +694,7 @@ class Engine:
             self._stop.wait(0.05)
         return began
 
-    def _finish(self, name: str, token: int, run: int, tick, ownership: Ownership,
+    def _finish(self, name: str, token: int, run: int, tick: datetime, ownership: Ownership,
                 value: object, timing: tuple[float, float] | None = None,
                 logged: bool = False) -> None:
         """Hand a trigger's result on (a worker thread, or the thread that resolved its Future).
@@ -698,7 +718,7 @@ class Engine:
         if result is not TriggerResult.UNDELIVERABLE:
             self.recorder.put(Outcome(name, token, ownership, tick, result, run=run))
             return
-        deadlines: list = []
+        deadlines: list[tuple[float, object, object]] = []
         with self.index.lock:
             state = self.index.get_locked(name, token)
             if state is None or state.phase is not Phase.RUNNING or state.run != run:
@@ -718,6 +738,7 @@ class Engine:
     # -- deliverable prefixes (user's thread) ----------------------------------------------------
 
     def release(self, entries: list[tuple[str, int]]) -> None:
+        deadlines: list[tuple[float, object, object]]
         ready, deadlines = [], []
         with self.index.lock:
             for name, token in entries:
@@ -753,7 +774,7 @@ class Engine:
                 self._refuse(plans, exc)
 
     @staticmethod
-    def _in_flight(state: JobState | None, outcome: Outcome) -> bool:
+    def _in_flight(state: JobState | None, outcome: Outcome) -> TypeGuard[JobState]:
         """Whether ``outcome`` is still to be recorded for ``state``."""
         if state is None or (outcome.run is not None and outcome.run != state.run):
             return False
@@ -783,7 +804,7 @@ class Engine:
         return plans
 
     def _plan_one(self, outcome: Outcome, state: JobState, record: stored_pb2.Job,
-                  mod_revision: int, schedule) -> _Plan:
+                  mod_revision: int, schedule: Schedule | None) -> _Plan:
         # No failure branch: a compare fails rarely (another writer, a new version), and then
         # the recorder reads what etcd holds for those jobs in one more round trip.
         job_key, counter_key = self._keys.job(state.name), self._keys.counter(state.name)
@@ -797,7 +818,9 @@ class Engine:
         elif outcome.result is None:
             nxt = None
         else:
-            counter = after_result(record, counter, outcome.tick, outcome.result, schedule)
+            # an outcome with a result has the tick it is for
+            counter = after_result(record, counter, cast(datetime, outcome.tick), outcome.result,
+                                   schedule)
             nxt = pending(record, counter, schedule)
         value = None if nxt is None else counter.SerializeToString()
         return _Plan(outcome, counter, nxt, guarded_write(
@@ -875,10 +898,10 @@ class Engine:
                   if not reply.response_txn.succeeded]
         self._apply(ownership, plans, response, self._read_back(failed) if failed else {})
 
-    def _read_back(self, plans: list[_Plan]) -> dict[str, tuple | None]:
+    def _read_back(self, plans: list[_Plan]) -> dict[str, tuple[Any, Any] | None]:
         """What etcd holds for the jobs whose compare failed: name -> (job kvs, counter kvs),
         or ``None`` if it could not be read (the outcome is then tried again)."""
-        held: dict[str, tuple | None] = {}
+        held: dict[str, tuple[Any, Any] | None] = {}
         for start in range(0, len(plans), _READS_PER_TXN):
             names = [plan.outcome.name for plan in plans[start:start + _READS_PER_TXN]]
             ops = [op for name in names
@@ -927,9 +950,9 @@ class Engine:
                 if self._in_flight(state, plan.outcome):
                     self._idle_locked(state)
 
-    def _apply(self, ownership: Ownership, plans: list[_Plan], response,
-               held: dict[str, tuple | None]) -> None:
-        arms: list = []
+    def _apply(self, ownership: Ownership, plans: list[_Plan], response: Any,
+               held: dict[str, tuple[Any, Any] | None]) -> None:
+        arms: list[tuple[float, str, int]] = []
         with self.index.lock:
             for plan, reply in zip(plans, response.responses):
                 name, token = plan.outcome.name, plan.outcome.token
@@ -944,7 +967,9 @@ class Engine:
                     self.recorder.put(plan.outcome)  # not known what etcd holds: try again
                     continue
                 if plan.outcome.refresh:
-                    if not inner.succeeded and self._adopt_locked(state, *held[name]) is None:
+                    # held[name] is not None for a failed compare (checked above)
+                    if not inner.succeeded and self._adopt_locked(
+                            state, *cast("tuple[Any, Any]", held[name])) is None:
                         self._idle_locked(state)
                         continue
                     self._arm_locked(state, ownership, arms)
@@ -954,7 +979,7 @@ class Engine:
                     self.index.mark_deleted_locked(name, response.header.revision)
                     continue
                 if inner.succeeded:
-                    state.counter_raw = plan.counter_raw
+                    state.counter_raw = cast(bytes, plan.counter_raw)  # set when it has a next
                     state.counter_revision = response.header.revision
                     state.next = plan.next
                     if plan.mod_revision != state.mod_revision:  # rewritten in place meanwhile
@@ -965,7 +990,8 @@ class Engine:
                     self.recorder.put(plan.outcome)
                     continue
                 else:
-                    adopted = self._adopt_locked(state, *held[name])
+                    # held[name] is not None for a failed compare (checked above)
+                    adopted = self._adopt_locked(state, *cast("tuple[Any, Any]", held[name]))
                     if adopted is None:
                         self._idle_locked(state)
                         continue
@@ -976,7 +1002,8 @@ class Engine:
             self._drained.notify_all()
         self.timer.arm_many(arms)
 
-    def _adopt_locked(self, state: JobState, job_kvs, counter_kvs) -> bool | None:
+    def _adopt_locked(self, state: JobState, job_kvs: Sequence[Any],
+                      counter_kvs: Sequence[Any]) -> bool | None:
         """After a failed compare, see what etcd holds.
 
         :returns: ``None`` when the job itself changed (the informer brings the new version);
@@ -998,7 +1025,7 @@ class Engine:
         state.next = pending(state.record, state.counter, state.schedule)
         return True
 
-    def _future_value(self, name: str, future: Future) -> object:
+    def _future_value(self, name: str, future: Future[Any]) -> object:
         if future.cancelled():
             self._log.error("trigger future of job %r was cancelled; counting it as FAILED", name)
             return TriggerResult.FAILED
