@@ -20,7 +20,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, cast
 
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from etcdcron import options
@@ -131,18 +133,18 @@ class Cron:
     def __init__(
         self,
         *,
-        trigger: Callable,
+        trigger: Callable[[api_pb2.TriggerRequest], object],
         namespace: str,
         endpoints: str | Sequence[str] | None = None,
-        client=None,
+        client: Any = None,
         replica_id: str | None = None,
         partition_id: int | None = None,
         partition_total: int | None = None,
         workers: int | None = None,
         lease_ttl: float | timedelta = 20,
         replica_data: Message | None = None,
-        on_leadership: Callable | None = None,
-        consumer_sink: Callable | None = None,
+        on_leadership: Callable[[list[any_pb2.Any | None]], object] | None = None,
+        consumer_sink: Callable[[api_pb2.InformerEvent], object] | None = None,
         counter_gc_interval: float | timedelta = 180,
         drain_timeout: float | timedelta | None = None,
         trigger_timeout: float | timedelta | None = None,
@@ -155,7 +157,7 @@ class Cron:
         user: str | None = None,
         password: str | None = None,
         clock: Callable[[], float] = time.time,
-    ):
+    ) -> None:
         if not callable(trigger):
             raise ValidationError(f"trigger must be callable, got {trigger!r}")
         namespace = options.check_namespace(namespace)
@@ -248,7 +250,9 @@ class Cron:
             self._notifier = Notifier(self._logger)
         emit = None
         if self._consumer_sink is not None:
-            emit = lambda event: self._notifier.call(self._consumer_sink, event)  # noqa: E731
+            # cast: the notifier was made just above, for the consumer sink
+            emit = lambda event: cast(Notifier, self._notifier).call(  # noqa: E731
+                self._consumer_sink, event)
         self._lease = LeaseKeeper(self._client, self._lease_ttl, stop, self._wake_elector,
                                   self._logger)
         self._engine = Engine(client=self._client, keys=self._keys, trigger=self._trigger,
@@ -279,12 +283,15 @@ class Cron:
 
     def _partition(self) -> tuple[int, int] | None:
         """``(index, total)`` of the partition this replica triggers, if elected."""
-        ownership = self._elector.ownership if self.is_elected() else None
+        # cast: is_elected() is False without an elector
+        ownership = cast(Elector, self._elector).ownership if self.is_elected() else None
         if ownership is None or not ownership.indices:
             return None
         return min(ownership.indices), ownership.total
 
     def _threads(self) -> list[threading.Thread]:
+        if TYPE_CHECKING:  # _build makes them all (a partly built Cron fails here as before)
+            assert self._engine and self._collector and self._lease and self._elector
         threads = []
         if self._notifier is not None:
             threads.append(self._notifier.thread)
@@ -297,17 +304,22 @@ class Cron:
             self._elector.wake()
 
     def _activate(self, ownership: Ownership) -> None:
+        # only the elector calls it, so _build has made them
+        assert self._engine is not None and self._collector is not None
         self._engine.activate(ownership)
         self._collector.activate(ownership)
 
     def _deactivate(self) -> None:
+        # only the elector calls it, so _build has made them
+        assert self._engine is not None and self._collector is not None
         self._collector.deactivate()
         remaining = self._stop_deadline - time.monotonic()
         self._engine.deactivate(max(0.0, min(remaining, self._drain_timeout)))
 
     def _elected(self, ownership: Ownership) -> None:
         if self._on_leadership is not None:
-            self._notifier.call(self._on_leadership, list(ownership.replicas))
+            # cast: the notifier is made with on_leadership
+            cast(Notifier, self._notifier).call(self._on_leadership, list(ownership.replicas))
 
     def _release_staged(self, entries: list[tuple[str, int]]) -> None:
         if self._engine is not None:
@@ -351,6 +363,9 @@ class Cron:
     def _shut_down(self, deadline: float, timeout: float, detached: bool) -> None:
         # The election thread ends the session first, waiting for results in flight; only then
         # does the shared stop event make every other thread abandon its etcd retries.
+        # Only a started (so fully built) Cron shuts down.
+        assert self._elector is not None and self._engine is not None
+        assert self._collector is not None and self._lease is not None
         self._elector.halt()
         self._elector.thread.join(max(0.0, deadline - time.monotonic()))
         # Triggers handed over when the session ended are still recorded, within the timeout.
@@ -391,12 +406,14 @@ class Cron:
     def __enter__(self) -> Cron:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _loops(self) -> list[Loop]:
         if self._engine is None:
             return []
+        if TYPE_CHECKING:  # _build makes them all (a partly built Cron fails here as before)
+            assert self._collector and self._lease and self._elector
         loops = [*self._lease.loops, *self._elector.loops, *self._engine.loops,
                  self._collector.loop]
         if self._notifier is not None:
