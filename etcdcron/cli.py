@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 # The well-known types are imported so that an Any of any of them reads and prints as JSON.
 from google.protobuf import (  # noqa: F401
@@ -37,10 +38,13 @@ from google.protobuf.message import DecodeError, Message
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.cron import Cron
 from etcdcron.errors import EtcdCronError, EtcdError, ValidationError
-from etcdcron.keys import prefix_end
+from etcdcron.keys import Keys, prefix_end
 from etcdcron.schedule import parse_go_duration
 from etcdcron.status import JobStatus, count_jobs, lease_ttl, membership
 from etcdcron.ticks import to_datetime
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 __all__ = ["main", "build_parser"]
 
@@ -71,7 +75,7 @@ class _Declined(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -164,7 +168,7 @@ def _span(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _any_dict(value: any_pb2.Any) -> dict:
+def _any_dict(value: any_pb2.Any) -> dict[str, Any]:
     """An ``Any`` as JSON, or its type and base64 bytes when its type is unknown here."""
     try:
         return json_format.MessageToDict(value, preserving_proto_field_name=True)
@@ -172,7 +176,7 @@ def _any_dict(value: any_pb2.Any) -> dict:
         return {"@type": value.type_url, "value_base64": base64.b64encode(value.value).decode()}
 
 
-def _message_dict(message: Message) -> dict:
+def _message_dict(message: Message) -> dict[str, Any]:
     copy = type(message)()
     copy.CopyFrom(message)
     extra = {}
@@ -185,7 +189,7 @@ def _message_dict(message: Message) -> dict:
     return result
 
 
-def _status_dict(status: JobStatus) -> dict:
+def _status_dict(status: JobStatus) -> dict[str, Any]:
     return {
         "name": status.name,
         "count": status.count,
@@ -203,13 +207,13 @@ def _status_dict(status: JobStatus) -> dict:
     }
 
 
-def _table(rows: list[list[str]], out) -> None:
+def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
 
 
-def _fields(pairs: list[tuple[str, object]], out) -> None:
+def _fields(pairs: list[tuple[str, object]], out: TextIO) -> None:
     width = max(len(key) for key, _ in pairs) + 1
     for key, value in pairs:
         if isinstance(value, (dict, list)):
@@ -217,7 +221,7 @@ def _fields(pairs: list[tuple[str, object]], out) -> None:
         out.write(f"{key + ':':<{width}} {'-' if value is None else value}\n")
 
 
-def _json(value, out) -> None:
+def _json(value: object, out: TextIO) -> None:
     out.write(json.dumps(value, sort_keys=True) + "\n")
 
 
@@ -270,7 +274,7 @@ def _parse_failure_policy(text: str) -> api_pb2.FailurePolicy:
     return api_pb2.FailurePolicy(constant=constant)
 
 
-def _job_from(args) -> api_pb2.Job:
+def _job_from(args: argparse.Namespace) -> api_pb2.Job:
     job = api_pb2.Job()
     for field in ("schedule", "due_time", "ttl"):
         value = getattr(args, field)
@@ -294,7 +298,8 @@ def _job_from(args) -> api_pb2.Job:
 class _Session:
     """What a command works with: a Cron that is never started, and where to print."""
 
-    def __init__(self, cron: Cron, args, out, err, stdin):
+    def __init__(self, cron: Cron, args: argparse.Namespace, out: TextIO, err: TextIO,
+                 stdin: TextIO) -> None:
         self.cron, self.args, self.out, self.err, self.stdin = cron, args, out, err, stdin
         self.json = args.json
 
@@ -390,7 +395,7 @@ def _cmd_status(s: _Session) -> None:
         _table(rows, s.out)
 
 
-def _dash(value) -> str:
+def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
@@ -463,7 +468,7 @@ def _cmd_watch(s: _Session) -> None:
             s.out.flush()
 
 
-def _describe(event, keys, prefix: str) -> dict | None:
+def _describe(event: Any, keys: Keys, prefix: str) -> dict[str, Any] | None:
     """One watch event as a line, or ``None`` for keys that are not this namespace's own."""
     key, deleted = event.kv.key, event.type == event.DELETE
     for kind, base in (("job", keys.jobs), ("counter", keys.counters),
@@ -533,9 +538,10 @@ _COMMANDS: dict[str, Callable[[_Session], None]] = {
 
 # -- main -------------------------------------------------------------------------------------------
 
-def _password(args, environ: Mapping[str, str], stdin) -> str | None:
+def _password(args: argparse.Namespace, environ: Mapping[str, str],
+              stdin: TextIO) -> str | None:
     if args.password is not None:
-        return args.password
+        return cast(str, args.password)
     if args.password_stdin:
         return stdin.readline().rstrip("\r\n")
     if environ.get("ETCDCRON_PASSWORD") is not None:
@@ -545,7 +551,7 @@ def _password(args, environ: Mapping[str, str], stdin) -> str | None:
     return None
 
 
-def _connect(args, environ: Mapping[str, str], stdin) -> Cron:
+def _connect(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO) -> Cron:
     if not args.namespace:
         raise ValidationError("no namespace: pass --namespace or set $ETCDCRON_NAMESPACE")
     try:
@@ -559,7 +565,7 @@ def _connect(args, environ: Mapping[str, str], stdin) -> Cron:
                 user=args.user, password=_password(args, environ, stdin))
 
 
-def _never_called(req) -> None:  # pragma: no cover - the CLI's Cron is never started
+def _never_called(req: api_pb2.TriggerRequest) -> None:  # pragma: no cover - the CLI's Cron is never started
     raise AssertionError("the etcdcron command never starts its Cron")
 
 
@@ -568,7 +574,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None,
-         stdin=None, stdout=None, stderr=None) -> int:
+         stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     environ = os.environ if environ is None else environ
     stdin, out, err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
@@ -635,7 +642,7 @@ def _silence_native_stderr() -> None:
                            errors="backslashreplace")
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
