@@ -62,14 +62,23 @@ import urllib.request
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast, overload
+
+if TYPE_CHECKING:
+    import ssl
+
+    from etcdcron._pb.api_pb2 import Job
+    from etcdcron.cron import Cron
+
+_T = TypeVar("_T")
 
 __all__ = ["find_etcd", "free_port", "wait_until", "bulk_add", "EtcdServer", "EtcdCluster",
            "EtcdProxy", "ProxyGroup"]
 
 log = logging.getLogger(__name__)
 
-_live_servers: weakref.WeakSet = weakref.WeakSet()
-_live_proxies: weakref.WeakSet = weakref.WeakSet()
+_live_servers: weakref.WeakSet[EtcdServer] = weakref.WeakSet()
+_live_proxies: weakref.WeakSet[EtcdProxy] = weakref.WeakSet()
 
 
 def find_etcd(binary: str | None = None) -> str:
@@ -98,11 +107,11 @@ def free_port() -> int:
     """A TCP port of 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return cast(int, sock.getsockname()[1])  # (host, port) of an AF_INET socket
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
-               message: str | Callable[[], str] = "condition") -> object:
+def wait_until(predicate: Callable[[], _T | None], timeout: float = 10.0,
+               interval: float = 0.01, message: str | Callable[[], str] = "condition") -> _T:
     """Poll ``predicate`` until it returns something truthy, and return that.
 
     :raises TimeoutError: naming ``message`` if ``timeout`` seconds pass first.
@@ -119,7 +128,7 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
         event.wait(interval)
 
 
-def bulk_add(cron, jobs: Mapping[str, object], batch: int = 100) -> None:
+def bulk_add(cron: Cron, jobs: Mapping[str, Job], batch: int = 100) -> None:
     """Add many jobs fast, for load tests: ``batch`` per etcd transaction instead of a round trip
     per :meth:`Cron.add <etcdcron.Cron.add>`. Every job is validated before anything is written.
 
@@ -163,8 +172,8 @@ class EtcdServer:
         self.extra_args = list(extra_args)
         self.data_dir = _temp_dir(f"etcdcron-{name}-")
         self.log_path = os.path.join(self.data_dir, "etcd.log")
-        self.process: subprocess.Popen | None = None
-        self._log_file = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
         self._proxies: list[EtcdProxy] = []  # made by proxy(), closed with the server
         _live_servers.add(self)
 
@@ -224,7 +233,7 @@ class EtcdServer:
         return [f"--cert-file={cert}", f"--key-file={key}", f"--trusted-ca-file={ca}",
                 "--client-cert-auth"]
 
-    def _health_context(self):
+    def _health_context(self) -> ssl.SSLContext | None:
         if not self.tls:
             return None
         import ssl
@@ -257,6 +266,7 @@ class EtcdServer:
 
     def _signal(self, signum: int) -> None:
         if self.running():
+            assert self.process is not None  # running() says so
             os.kill(self.process.pid, signum)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -285,7 +295,7 @@ class EtcdServer:
         self.stop()
         self.start(timeout)
 
-    def proxy(self, **options) -> EtcdProxy:
+    def proxy(self, **options: Any) -> EtcdProxy:
         """A started :class:`EtcdProxy` in front of this server, closed with it.
 
         :param options: passed to :class:`EtcdProxy`.
@@ -328,7 +338,7 @@ class EtcdServer:
     def __enter__(self) -> EtcdServer:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -374,7 +384,7 @@ class EtcdCluster:
                 return member
         raise RuntimeError("no running member is the leader")
 
-    def proxies(self, **options) -> ProxyGroup:
+    def proxies(self, **options: Any) -> ProxyGroup:
         """A started :class:`ProxyGroup`: one :class:`EtcdProxy` per member, in member order,
         closed with the cluster. Take one group per replica you want to partition on its own.
 
@@ -402,7 +412,7 @@ class EtcdCluster:
     def __enter__(self) -> EtcdCluster:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -551,7 +561,7 @@ class EtcdProxy:
         # Owned by the loop thread alone: the open links, and the selector watching them.
         self._links: set[_Link] = set()
         self._selector: selectors.BaseSelector | None = None
-        self._address: tuple | None = None
+        self._address: tuple[Any, ...] | None = None
         self._family = socket.AF_INET
         #: Connections open now, and accepted in all (counters written by the loop thread).
         self.connections = 0
@@ -614,7 +624,7 @@ class EtcdProxy:
         """Forward normally again, without latency."""
         self._command(mode=_Mode.FORWARD, delay=0.0, jitter=0.0)
 
-    def _command(self, **changes) -> None:
+    def _command(self, **changes: object) -> None:
         with self._state_changed:
             if self._closed:
                 raise RuntimeError(f"proxy {self.endpoint} -> {self.target} is closed")
@@ -666,7 +676,7 @@ class EtcdProxy:
     def __enter__(self) -> EtcdProxy:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -675,6 +685,7 @@ class EtcdProxy:
     # -- the loop thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        assert self._selector is not None  # start() makes it before it starts this thread
         try:
             self._loop()
         except BaseException as exc:  # the loop is all this thread does: say why it ended
@@ -688,6 +699,7 @@ class EtcdProxy:
             self._selector.close()
 
     def _loop(self) -> None:
+        assert self._selector is not None  # start() makes it before it starts this thread
         applied = 0
         mode, delay, jitter = _Mode.FORWARD, 0.0, 0.0
         while True:
@@ -715,7 +727,8 @@ class EtcdProxy:
                 elif key.data is _WAKER:
                     self._drain_wakeups()
                 elif key.data in self._links:  # not dropped by an earlier event of this round
-                    self._serve(key.data, key.fileobj, events, delay, jitter)
+                    # cast: only sockets are registered
+                    self._serve(key.data, cast(socket.socket, key.fileobj), events, delay, jitter)
             if forwarding:
                 for link in list(self._links):
                     self._pass_ends(link)
@@ -751,6 +764,7 @@ class EtcdProxy:
         return next_due
 
     def _set_mask(self, link: _Link, sock: socket.socket, mask: int) -> None:
+        assert self._selector is not None  # the loop thread's, made before it started
         old = link.masks.get(sock, 0)
         if mask == old:
             return
@@ -786,6 +800,7 @@ class EtcdProxy:
         upstream.setblocking(False)
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link.upstream = link.up.sink = link.down.source = upstream
+        assert self._address is not None  # start() resolves it before it starts this thread
         error = upstream.connect_ex(self._address)
         if error == 0:
             link.connected = True
@@ -822,6 +837,7 @@ class EtcdProxy:
             self._drop(link, reset=True)
 
     def _receive(self, flow: _Flow, delay: float, jitter: float) -> None:
+        assert flow.source is not None  # only a socket with an event is read
         try:
             data = flow.source.recv(min(_RECV_SIZE, self.buffer_size - flow.size))
         except (BlockingIOError, InterruptedError):
@@ -837,6 +853,7 @@ class EtcdProxy:
         now = time.monotonic()
         while flow.due(now):
             due, chunk = flow.chunks[0]
+            assert flow.sink is not None  # only a socket with an event is written
             try:
                 sent = flow.sink.send(chunk)
             except (BlockingIOError, InterruptedError):
@@ -855,6 +872,7 @@ class EtcdProxy:
         try:
             for flow in (link.up, link.down):
                 if flow.eof and not flow.done and not flow.chunks:
+                    assert flow.sink is not None  # both sockets are open once connected
                     flow.sink.shutdown(socket.SHUT_WR)
                     flow.done = True
         except OSError:
@@ -864,6 +882,7 @@ class EtcdProxy:
             self._drop(link, reset=False)
 
     def _drop(self, link: _Link, *, reset: bool) -> None:
+        assert self._selector is not None  # the loop thread's, made before it started
         for sock in link.sockets():
             if link.masks.get(sock):
                 self._selector.unregister(sock)
@@ -876,7 +895,7 @@ class EtcdProxy:
         self.connections = len(self._links)
 
 
-class ProxyGroup(Sequence):
+class ProxyGroup(Sequence[EtcdProxy]):
     """One :class:`EtcdProxy` per etcd member, commanded together or one by one.
 
     Give a replica :attr:`endpoints` and it reaches etcd only through the group: ``cut()`` or
@@ -887,7 +906,7 @@ class ProxyGroup(Sequence):
     :param options: passed to each :class:`EtcdProxy`.
     """
 
-    def __init__(self, targets: Sequence[str], **options):
+    def __init__(self, targets: Sequence[str], **options: Any) -> None:
         self.proxies: list[EtcdProxy] = []
         try:
             for target in targets:
@@ -901,7 +920,12 @@ class ProxyGroup(Sequence):
         """The proxies' endpoints, in the members' order."""
         return [p.endpoint for p in self.proxies]
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> EtcdProxy: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[EtcdProxy]: ...
+
+    def __getitem__(self, index: int | slice) -> EtcdProxy | list[EtcdProxy]:
         return self.proxies[index]
 
     def __len__(self) -> int:
@@ -935,7 +959,7 @@ class ProxyGroup(Sequence):
     def __enter__(self) -> ProxyGroup:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -957,6 +981,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with EtcdServer(client_port=args.port) as server:
         print(f"etcd listening on {server.endpoint} (pid {server.pid}, data in "
               f"{server.data_dir}); Ctrl-C stops it", flush=True)
+        assert server.process is not None  # the with block started it
         try:
             server.process.wait()
         except KeyboardInterrupt:
