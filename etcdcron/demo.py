@@ -28,12 +28,21 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING, cast
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from etcdcron import Cron, FailurePolicy, FailurePolicyConstant, Job, TriggerResult
+from etcdcron import (Cron, FailurePolicy, FailurePolicyConstant, Job, TriggerRequest,
+                      TriggerResult)
 from etcdcron.testing import EtcdServer, wait_until
+
+if TYPE_CHECKING:
+    class _Replica(subprocess.Popen[str]):
+        """For mypy only: a replica process carries the thread that reads its output."""
+
+        reader: threading.Thread
 
 REPLICAS = ["replica-a", "replica-b", "replica-c"]
 LEASE_TTL = 3            # seconds: how fast the others notice a dead replica
@@ -60,8 +69,8 @@ def say(replica: str, *words: str) -> None:
     out(f"{now_text()}  {replica}  " + "  ".join(words))
 
 
-def make_trigger(replica: str):
-    def trigger(req):
+def make_trigger(replica: str) -> Callable[[TriggerRequest], TriggerResult]:
+    def trigger(req: TriggerRequest) -> TriggerResult:
         # The flaky job carries, in its payload, the epoch time at which it starts to succeed.
         if req.payload.Is(wrappers_pb2.DoubleValue.DESCRIPTOR):
             recovers_at = wrappers_pb2.DoubleValue()
@@ -75,7 +84,7 @@ def make_trigger(replica: str):
 
 
 def run_replica(name: str, endpoint: str, namespace: str) -> int:
-    def on_leadership(replicas):
+    def on_leadership(replicas: list[any_pb2.Any | None]) -> None:
         names = [data.value for data in map(unpack_string, replicas)]
         say(name, "elected", f"{len(replicas)} replica(s): {', '.join(names)}")
 
@@ -108,10 +117,10 @@ def unpack_string(data: any_pb2.Any | None) -> wrappers_pb2.StringValue:
 class Events:
     """What the replicas printed: who fired which job, and who saw how many replicas."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.fired = []          # (time, replica, job, succeeded)
-        self.elected = {}        # replica -> number of replicas it last saw
+        self.fired: list[tuple[float, str, str, bool]] = []  # (time, replica, job, succeeded)
+        self.elected: dict[str, int] = {}  # replica -> number of replicas it last saw
 
     def add(self, line: str) -> None:
         parts = line.split()
@@ -131,18 +140,19 @@ class Events:
             return next((r for at, r, j, _ in self.fired if j == job and at > since), None)
 
 
-def start_replica(name: str, endpoint: str, namespace: str, events: Events) -> subprocess.Popen:
+def start_replica(name: str, endpoint: str, namespace: str, events: Events) -> _Replica:
     # The replica imports the same etcdcron as this process, installed or not.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    process = subprocess.Popen(
+    process = cast("_Replica", subprocess.Popen(  # its reader is set below
         [sys.executable, "-u", "-m", "etcdcron.demo", "--replica", name,
          "--endpoint", endpoint, "--namespace", namespace],
         stdout=subprocess.PIPE, text=True, env=env,
-        start_new_session=True)  # Ctrl-C is ours to handle
+        start_new_session=True))  # Ctrl-C is ours to handle
 
     def read() -> None:
+        assert process.stdout is not None  # stdout=PIPE
         for line in process.stdout:
             out(line.rstrip("\n"))
             events.add(line)
@@ -168,7 +178,7 @@ def add_jobs(admin: Cron) -> None:
         f" flaky (in 3s, fails until +4.2s, retried every 500ms)\n")
 
 
-def kill(replica: subprocess.Popen, name: str) -> float:
+def kill(replica: subprocess.Popen[str], name: str) -> float:
     out(f"\n{'=' * 78}\n  SIGKILL {name} (pid {replica.pid}): it owns the heartbeat. Its jobs "
         f"move to the\n  others once its lease expires, within about the lease TTL of "
         f"{LEASE_TTL} s.\n{'=' * 78}\n")
@@ -177,7 +187,7 @@ def kill(replica: subprocess.Popen, name: str) -> float:
     return time.time()
 
 
-def stop_replicas(replicas: dict[str, subprocess.Popen]) -> dict[str, int]:
+def stop_replicas(replicas: dict[str, _Replica]) -> dict[str, int]:
     for process in replicas.values():
         if process.poll() is None:
             process.terminate()
@@ -194,7 +204,7 @@ def stop_replicas(replicas: dict[str, subprocess.Popen]) -> dict[str, int]:
 
 def summarize(events: Events, victim: str | None, killed_at: float | None) -> bool:
     """Print job -> triggers -> replicas, and whether each count is right."""
-    per_job = defaultdict(list)
+    per_job: defaultdict[str, list[tuple[float, str, bool]]] = defaultdict(list)
     for at, replica, job, ok in events.fired:
         per_job[job].append((at, replica, ok))
     expected = {"once": 1, "heartbeat": HEARTBEATS, "every-3s": 5}
@@ -210,7 +220,8 @@ def summarize(events: Events, victim: str | None, killed_at: float | None) -> bo
         else:
             # At-least-once: a tick fired by the victim just before the crash, whose result it
             # had no time to record, fires again on its new owner.
-            extra = any(r == victim and at >= killed_at - 0.4 for at, r, _ in fires)
+            # cast: killed_at is set with the victim (and only read once r == victim)
+            extra = any(r == victim and at >= cast(float, killed_at) - 0.4 for at, r, _ in fires)
             ok = expected[job] <= len(fires) <= expected[job] + extra
             check = f"{expected[job]} expected" + (" (+1 allowed: crash)" if extra else "")
         all_ok &= ok
