@@ -1,5 +1,6 @@
 """The generated protobuf code works with the oldest and the newest protobuf runtime the package
-declares (``protobuf>=5.29,<8``), each installed on its own into a temporary directory."""
+declares (``protobuf>=5.29,<8``), each installed on its own into a temporary directory; the
+package is typed, and ``mypy --strict`` finds no error in it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +29,7 @@ print(google.protobuf.__version__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("requirement", ["protobuf==5.29.0", "protobuf>=5.29,<8"])
 def test_generated_code_works_with_the_supported_protobuf_runtimes(tmp_path, requirement):
     target = tmp_path / "site"
@@ -46,6 +46,7 @@ def test_generated_code_works_with_the_supported_protobuf_runtimes(tmp_path, req
         assert version.split(".")[0] in {"5", "6", "7"}
 
 
+@pytest.mark.slow
 def test_the_package_is_typed_and_its_stubs_are_shipped():
     """PEP 561: ``py.typed`` and the ``.pyi`` stubs of the generated messages are package data
     (setup.cfg), so editors and mypy see ``Job(...)``'s fields in an installed etcdcron."""
@@ -61,3 +62,12 @@ def test_the_package_is_typed_and_its_stubs_are_shipped():
         stub = (ROOT / "etcdcron" / "_pb" / f"{module}.pyi").read_text()
         assert "class " in stub and "def __init__" in stub
 
+
+@pytest.mark.unit  # a few seconds: in the normal suite, so that a type error fails make test
+def test_mypy_strict_finds_no_error():
+    """``mypy --strict etcdcron`` (configured in setup.cfg: generated code excluded) is clean."""
+    pytest.importorskip("mypy", reason="mypy is in the test extra")
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--config-file",
+                             str(ROOT / "setup.cfg"), "etcdcron"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr
