@@ -246,7 +246,7 @@ class Cron:
                                          namespace=self._keys.namespace,
                                          replica_id=self.replica_id)
             self._client.metrics = self._metrics
-        if self._on_leadership or self._consumer_sink:
+        if self._on_leadership is not None or self._consumer_sink is not None:
             self._notifier = Notifier(self._logger)
         emit = None
         if self._consumer_sink is not None:

@@ -259,9 +259,11 @@ class Engine:
         session, fenced by it (election thread). Those not written are dropped: their next
         owner fires the tick again."""
         claimed: set[str] = set()
-        for start in range(0, len(states), MAX_BATCH):
-            batch = states[start:start + MAX_BATCH]
-            # cast: taken to be deliveries, with a next (a RUNNING state to be deleted has none)
+        # Only deliveries: a state waiting for its deletion to be recorded has no tick to hand
+        # over, and its next owner deletes it.
+        deliveries = [state for state in states if state.next is not None]  # cast below
+        for start in range(0, len(deliveries), MAX_BATCH):
+            batch = deliveries[start:start + MAX_BATCH]
             ops = [op_txn([cmp_mod(self._keys.job(state.name), state.mod_revision)],
                           [op_put(self._keys.in_flight(state.name), stored_pb2.InFlight(
                               job_partition_id=state.partition_id,

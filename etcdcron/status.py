@@ -160,11 +160,12 @@ def _membership(kvs: Iterable[Any], keys: Keys) -> Membership:
     members: list[tuple[str, stored_pb2.Leadership | None, int]] = []
     for kv in kvs:
         try:
-            # None for a key of a nested namespace, which is not left out here
-            # (as Store.list and the leadership watch do); cast to keep the behaviour as is.
-            replica_id = cast(str, keys.replica_id(kv.key))
+            found = keys.replica_id(kv.key)
         except UnicodeDecodeError:
-            replica_id = kv.key[len(keys.leadership):].decode(errors="replace")
+            found = kv.key[len(keys.leadership):].decode(errors="replace")
+        if found is None:
+            continue  # a nested namespace's key, as the leadership watch skips it
+        replica_id = found
         record: stored_pb2.Leadership | None
         record = stored_pb2.Leadership()
         try:
@@ -297,12 +298,13 @@ def _iter_statuses(client: EtcdClient, keys: Keys, prefix: str, local: LocalView
         counters = _counters(client, keys, kvs[0].key, kvs[-1].key, revision, page_size)
         for kv in kvs:
             try:
-                # None for a key of a nested namespace, which is not left out
-                # here (as Store.list does); cast to keep the behaviour as is.
-                name = cast(str, keys.job_name(kv.key))
+                found = keys.job_name(kv.key)
             except UnicodeDecodeError:
                 logger.warning("skipping job key %r: it is not UTF-8", kv.key)
                 continue
+            if found is None:
+                continue  # a nested namespace's key, as Store.list skips it
+            name = found
             try:
                 yield _status(name, kv, counters.get(name), members, local)
             except (DecodeError, ValueError, OverflowError) as exc:

@@ -164,3 +164,24 @@ def test_a_handed_trigger_that_says_undeliverable_is_delivered_by_the_next_owner
         wait_until(lambda: second.get("job") is None, 10)
     else:  # it came back to the first replica, which parks it as undeliverable
         wait_until(lambda: first._engine.staging.parked() == ["job"], 10)
+
+
+def test_a_job_waiting_for_its_deletion_is_not_handed_over(make_cron, etcd, namespace):
+    # A session that ends while a job's deletion is still unrecorded (its state RUNNING with
+    # no next tick, e.g. etcd down through the drain) hands over only the real deliveries.
+    from etcdcron._etcd import EtcdClient
+
+    cron = make_cron(print)
+    cron.start()
+    assert cron.wait_elected(10)
+    cron.add("done", Job(due_time="1h"))
+    cron.add("running", Job(due_time="1h"))
+    engine = cron._engine
+    wait_until(lambda: len(engine.index.names()) == 2, 10)
+    with engine.index.lock:
+        ownership = engine.index.ownership
+        done, running = engine.index.get_locked("done"), engine.index.get_locked("running")
+    done.next = None  # as the engine leaves a job whose deletion is queued
+    engine._hand_over(ownership, [done, running])
+    claims = EtcdClient(etcd.endpoint).list_prefix(Keys(namespace).inflight)[1]
+    assert [kv.key for kv in claims] == [Keys(namespace).in_flight("running")]

@@ -108,6 +108,12 @@ def test_nested_namespaces_never_read_fire_or_delete_each_others_keys(make_cron,
     wait_until(lambda: outer._collector.loop.health().last_progress is not None, 10)
 
     assert [j.name for j in outer.list()] == []
+    assert list(outer.statuses()) == []
+    assert outer.status("kept") is None
+    from etcdcron.status import membership
+    outer_members = membership(client, Keys(namespace))
+    assert [r.replica_id for r in outer_members.replicas] == [outer.replica_id]
+    assert outer_members.total == 1
     outer.add("doomed", Job(due_time="1h"))
     outer.delete_prefixes("")
     assert outer.get("doomed") is None
