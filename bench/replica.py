@@ -103,6 +103,7 @@ class Steady:
         self.lateness = array.array("d")
         self._start, self._end = window
         self.window_cpu = float("nan")
+        self.calls_in_window = 0            # calls made inside the window, whatever their tick
         # Guards _calls, in_window and lateness: a job's calls come one at a time, but a list
         # element's += is not atomic against another job's on another worker.
         self._lock = threading.Lock()
@@ -120,6 +121,8 @@ class Steady:
         now = time.time()
         i = int(request.name[1:])
         with self._lock:
+            if self._start <= now < self._end:
+                self.calls_in_window += 1
             k = self._calls[i]
             self._calls[i] = k + 1
             tick = self._due[i] + k
@@ -219,6 +222,7 @@ def main() -> None:
         with open(args.out, "wb") as out:
             behaviour.lateness.tofile(out)
         result.update(samples=len(behaviour.lateness), window_cpu=behaviour.window_cpu,
+                      calls_in_window=behaviour.calls_in_window,
                       short=sum(1 for c in behaviour.in_window if c < c_expected(args)),
                       over=sum(1 for c in behaviour.in_window if c > c_expected(args)))
     say(**result)
