@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import dataclasses
 import gc
 import importlib.metadata
 import itertools
@@ -93,6 +94,8 @@ QUICK = Sizes(burst=(1_000, 5_000), burst_replicas=(1, 2, 4), steady=(500, 2_000
 #: Seconds of ticks before the steady window opens (the replica settles after its load).
 STEADY_WARMUP = 2
 ADD_THREADS = (1, 16)
+#: py-spy's samples per second (--profile).
+PROFILE_RATE = 200
 
 
 def say(text: str) -> None:
@@ -256,8 +259,9 @@ class Replica:
                 or shutil.which("py-spy")
             if py_spy is None:
                 raise RuntimeError("--profile needs py-spy (pip install 'etcdcron[bench]')")
-            command = [py_spy, "record", "--format", "raw", "--rate", "200", "--nonblocking",
-                       "--output", profile, "--", *command]
+            command = [py_spy, "record", "--format", "raw", "--rate", str(PROFILE_RATE),
+                       "--gil", "--function", "--nonblocking", "--output", profile, "--",
+                       *command]
         self.stderr_path = os.path.join(run.work, f"{self.name}.log")
         self._stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -383,8 +387,10 @@ def summarize_profile(raw_path: str, top: int = 25) -> str:
             own[frames[-1]] += n
             for frame in set(frames):
                 total[frame] += n
-    lines = [f"py-spy profile {os.path.basename(raw_path)}: {samples} samples of non-idle "
-             f"threads (200 Hz)", "", f"top {top} by self samples:", "   self%  total%  function"]
+    lines = [f"py-spy profile {os.path.basename(raw_path)}: {samples} samples at "
+             f"{PROFILE_RATE} Hz of the thread holding the GIL, so {samples / PROFILE_RATE:.1f} s "
+             f"of Python running in the replica's life", "",
+             f"top {top} by self samples:", "   self%  total%  function"]
     for frame, n in own.most_common(top):
         lines.append(f"  {100 * n / samples:5.1f}  {100 * total[frame] / samples:6.1f}  {frame}")
     lines += ["", f"top {top} by total samples (the frame anywhere on the stack):",
@@ -883,6 +889,9 @@ def main() -> int:
     parser.add_argument("--output", help="where to write the results (default: bench/RESULTS.md; "
                                          "RESULTS-quick.md with --quick, RESULTS-partial.md with "
                                          "--only)")
+    parser.add_argument("--size", action="append", type=int, metavar="N", default=[],
+                        help="run the burst, steady and scale rows only at these job counts "
+                             "(repeat for more), e.g. --only steady --size 10000")
     args = parser.parse_args()
     only = [row for value in args.only for row in value.split(",") if row]
     unknown = sorted(set(only) - set(ROWS))
@@ -890,9 +899,14 @@ def main() -> int:
         parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     rows = [row for row in ORDER if not only or row in only]
     sizes = QUICK if args.quick else FULL
+    if args.size:
+        keep = lambda counts: tuple(n for n in counts if n in args.size)  # noqa: E731
+        sizes = dataclasses.replace(sizes, burst=keep(sizes.burst), steady=keep(sizes.steady),
+                                    scale=keep(sizes.scale))
     mode = ("quick smoke run" if args.quick else "full run") + (
-        f", rows {', '.join(rows)} only" if only else "")
-    suffix = "-quick" if args.quick else ("-partial" if only else "")
+        f", rows {', '.join(rows)} only" if only else "") + (
+        f", sizes {', '.join(f'{n:,}' for n in args.size)} only" if args.size else "")
+    suffix = "-quick" if args.quick else ("-partial" if only or args.size else "")
     output = args.output or os.path.join(BENCH, f"RESULTS{suffix}.md")
     histogram = os.path.join(os.path.dirname(os.path.abspath(output)), f"lateness{suffix}.png")
 
