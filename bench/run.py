@@ -143,6 +143,13 @@ def markdown_table(results: list[Result]) -> str:
 
 # -- the run: etcd, namespaces, processes ---------------------------------------------------------
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fs_type(path: str) -> str:
     """The file system type of the mount that holds ``path`` (from ``/proc/mounts``)."""
     path, best, kind = os.path.realpath(path), "", "?"
@@ -423,8 +430,9 @@ def finish_profile(run: Run, path: str | None) -> None:
 
 # -- 1. burst -------------------------------------------------------------------------------------
 
-def burst_once(run: Run, n: int, replicas: int, profile: str | None = None) -> float:
-    """Seconds from start() until all ``n`` past-due one-shots fired and none is left."""
+def burst_once(run: Run, n: int, replicas: int, profile: str | None = None) -> dict:
+    """Seconds from start() until all ``n`` past-due one-shots fired and none is left
+    (``seconds``), and the CPU seconds the replicas and etcd used meanwhile."""
     namespace = run.namespace(f"burst-{n}-r{replicas}")
     run.write_jobs(namespace, n, lambda i: (f"job-{i}", Job(due_time="0s")))
     procs = [run.replica("count", namespace, profile=profile if i == 0 else None)
@@ -432,6 +440,7 @@ def burst_once(run: Run, n: int, replicas: int, profile: str | None = None) -> f
     try:
         for proc in procs:
             proc.wait("ready", 60)
+        etcd_cpu = process_cpu(run.etcd.pid)
         began = time.time()
         for proc in procs:
             proc.send("go")
@@ -441,6 +450,7 @@ def burst_once(run: Run, n: int, replicas: int, profile: str | None = None) -> f
         wait_until(lambda: run.job_count(namespace) == 0, timeout=600, interval=0.005,
                    message=lambda: f"no job left (have {run.job_count(namespace)})")
         emptied = time.time()
+        etcd_cpu = process_cpu(run.etcd.pid) - etcd_cpu
         reports = stop_all(procs)
     finally:
         for proc in procs:
@@ -449,7 +459,8 @@ def burst_once(run: Run, n: int, replicas: int, profile: str | None = None) -> f
     if calls != n:
         say(f"  !! {calls} trigger calls for {n} jobs")
     run.drop(namespace)
-    return max(fired, emptied) - began
+    return dict(seconds=max(fired, emptied) - began, etcd_cpu=etcd_cpu,
+                replica_cpu=sum(r["cpu"] for r in reports))
 
 
 def bench_burst(run: Run) -> None:
@@ -458,7 +469,8 @@ def bench_burst(run: Run) -> None:
         for replicas in sizes.burst_replicas:
             profiled = run.args.profile and n == sizes.profiled_burst and replicas == 1
             path = profile_path(run, f"burst-{n}") if profiled else None
-            seconds = burst_once(run, n, replicas, path)
+            measured = burst_once(run, n, replicas, path)
+            seconds = measured["seconds"]
             finish_profile(run, path)
             per_second = n / seconds
             run.burst_rates[(n, replicas)] = per_second
@@ -470,7 +482,9 @@ def bench_burst(run: Run) -> None:
             run.add(Result("burst", f"{n:,} past-due one-shots, end to end",
                            f"{replicas} replica process{'es' if replicas > 1 else ''}"
                            + (", profiled" if profiled else ""),
-                           f"{seconds:.2f} s, {per_second:,.0f}/s", target, met))
+                           f"{seconds:.2f} s, {per_second:,.0f}/s (CPU: replicas "
+                           f"{measured['replica_cpu']:.1f} s, etcd {measured['etcd_cpu']:.1f} s)",
+                           target, met))
 
 
 # -- 2. steady ------------------------------------------------------------------------------------
@@ -766,7 +780,7 @@ def bench_ceilings(run: Run) -> None:
     n = run.sizes.peers
     etcdcron_rate = run.burst_rates.get((n, 1))
     if etcdcron_rate is None:          # --only ceilings: the burst it is compared to
-        etcdcron_rate = n / burst_once(run, n, 1)
+        etcdcron_rate = n / burst_once(run, n, 1)["seconds"]
         run.burst_rates[(n, 1)] = etcdcron_rate
     ours = f"etcdcron {etcdcron_rate:,.0f}/s ({n:,} one-shots, 1 replica)"
     workers = check_workers(None)
