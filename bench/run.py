@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -195,7 +196,8 @@ class Run:
 
     def __enter__(self) -> Run:
         self.etcd.start()
-        self.client = EtcdClient(self.etcd.endpoint)
+        # Long attempts: compacting after a million deletes takes etcd more than 10 s.
+        self.client = EtcdClient(self.etcd.endpoint, request_timeout=600)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -608,8 +610,11 @@ def bench_scale(run: Run) -> None:
         # n future jobs (due in an hour) and, last in key order, one past due.
         wrote = run.write_jobs(namespace, n, lambda i: (f"j{i:07d}", Job(due_time="1h")),
                                threads=8)
-        Cron(endpoints=run.etcd.endpoint, namespace=namespace, trigger=print).add(
-            LAST, Job(due_time="0s"))
+        writer = Cron(endpoints=run.etcd.endpoint, namespace=namespace, trigger=print)
+        try:
+            writer.add(LAST, Job(due_time="0s"))
+        finally:
+            writer.stop()
         say(f"  (wrote {n:,} jobs in {wrote:.1f} s, {n / wrote:,.0f}/s)")
 
         lister = Cron(endpoints=run.etcd.endpoint, namespace=namespace, trigger=print)
@@ -938,13 +943,20 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING, format="    [%(name)s %(levelname)s] %(message)s")
     began = time.perf_counter()
+    failed: list[str] = []
     with Run(args, sizes) as run:
         say(f"etcd {run.etcd.endpoint}, data in {run.etcd.data_dir} "
             f"({fs_type(run.etcd.data_dir)}); {os.cpu_count()} cores; {mode}")
         try:
             for row in rows:
                 say(f"== {row}")
-                BENCHES[row](run)
+                try:
+                    BENCHES[row](run)
+                except Exception as exc:  # noqa: BLE001 - the other rows still run
+                    failed.append(row)
+                    traceback.print_exc()
+                    run.add(Result(row, "**the row failed**", "see the run's output",
+                                   f"{type(exc).__name__}: {exc}"[:300].replace("\n", " ")))
         finally:
             took = time.perf_counter() - began
             drawn = write_histogram(run, histogram)
@@ -953,7 +965,9 @@ def main() -> int:
     say(markdown_table(run.results))
     say(f"\nwritten to {os.path.relpath(output, ROOT)}"
         + (f" and {os.path.relpath(histogram, ROOT)}" if drawn else ""))
-    return 0
+    if failed:
+        say(f"!! rows that failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
