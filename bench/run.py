@@ -186,6 +186,7 @@ class Run:
         self.burst_rates: dict[tuple[int, int], float] = {}   # (n, replicas) -> jobs/s
         self.profiles: list[str] = []
         self._namespaces = itertools.count(1)
+        self.commit = git_commit()           # before the run rewrites its own files
 
     def _work_base(self) -> str:
         if self.args.shm:
@@ -852,7 +853,10 @@ def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=ROOT, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # What a run writes itself does not count as a local change.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!bench/RESULTS*", ":!bench/lateness*",
+                                ":!bench/profiles"],
                                capture_output=True, text=True, cwd=ROOT, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
@@ -879,7 +883,7 @@ def write_results(run: Run, path: str, histogram: str | None, mode: str, took: f
         f"- machine: {os.cpu_count()} cores, {cpu_model()}, {platform.system()} "
         f"{platform.release()}",
         f"- Python {platform.python_version()} ({platform.python_implementation()}), etcd "
-        f"{etcd_version(etcd.binary)}, etcdcron {etcdcron_version} (commit {git_commit()}), "
+        f"{etcd_version(etcd.binary)}, etcdcron {etcdcron_version} (commit {run.commit}), "
         f"grpcio {version_of('grpcio')}, protobuf {version_of('protobuf')}, APScheduler "
         f"{version_of('apscheduler')}, SQLAlchemy {version_of('sqlalchemy')}",
         f"- etcd: one member on 127.0.0.1, data on {fs_type(etcd.data_dir)} "
