@@ -30,8 +30,12 @@ test-unit: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(PY) -m mypy --strict etcdcron
 
-bench: $(VENV)/.installed-test
-	$(PY) bench/run.py
+# The benchmark suite of issue 9 (bench/README.md): its own etcd on disk, about 25 minutes; it
+# writes bench/RESULTS.md. make bench BENCH_ARGS=--quick is a 2-minute smoke run; other options:
+# --only ROW, --shm, --profile (python bench/run.py --help).
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-bench
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # The Sphinx docs, warnings as errors, into build/docs/html (tests/test_docs.py builds them too).
 docs: $(VENV)/.installed-docs
