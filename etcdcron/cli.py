@@ -443,7 +443,9 @@ def _cmd_delete_prefix(s: _Session) -> None:
 
 def _cmd_watch(s: _Session) -> None:
     client, keys = s.cron._client, s.cron._keys
-    start = client.current_revision(keys.jobs) + 1  # also fails fast (exit 3) when etcd is unreachable
+    # Read through a key of the namespace (a role may cover no other); fails fast (exit 3) when
+    # etcd is unreachable.
+    start = client.current_revision(keys.jobs) + 1
     root = f"{keys.namespace}/".encode()
     prefix = s.args.prefix
     stream = client.watch(root, prefix_end(root), start)

@@ -2,8 +2,10 @@
 
 While this replica holds an ownership (a session), it lists ``NS/jobs/``, ``NS/counters/`` and
 ``NS/inflight/`` page by page at one revision R, hands the owned jobs to the engine, then watches
-``NS/inflight/`` and ``NS/jobs/`` (one range: the first sorts just before the second) from R + 1. A broken stream resumes from the last revision seen; a compacted one re-lists (the engine
-reconciles). It never calls user code and never blocks on anything but etcd.
+``NS/inflight/`` and ``NS/jobs/`` (one range: the first sorts just before the second, and the
+replicas' read-barrier keys between them) from R + 1. A broken stream resumes from the last
+revision seen; a compacted one re-lists (the engine reconciles). It never calls user code and
+never blocks on anything but etcd.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ __all__ = ["Informer", "ReadBarrier"]
 
 log = logging.getLogger(__name__)
 
-#: How often a read barrier asks the watch again for a progress notification.
+#: How often the fallback read barrier asks the watch again for a progress notification.
 PROGRESS_EVERY = 0.2
-
+#: Codes of a barrier write etcd refuses while it could still be read (see Informer._fresh).
+_REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED})
 
 class ReadBarrier:
     """Proves, before a trigger, that the engine has seen every job change etcd had committed
@@ -105,8 +108,11 @@ class Informer:
         self._cond = threading.Condition(threading.Lock())
         self._ownership: Ownership | None = None
         self._stream: WatchStream | None = None
-        # Every job change up to this revision is applied to the engine, for _ownership.
-        self._applied = 0
+        # Every job change up to this revision is applied to the engine, for _ownership: as
+        # the watch delivered its events (_applied), or as a progress notification says
+        # (_progressed, at least _applied; see _fresh).
+        self._applied = self._progressed = 0
+        self._refused_since: float | None = None  # barrier writes refused: since when
         self.barrier = ReadBarrier(self._fresh)
         self.loop = Loop("etcdcron-watch", self._run, stopping=stop.is_set, wait=stop.wait,
                          logger=self._log)
@@ -118,11 +124,13 @@ class Informer:
     def activate(self, ownership: Ownership) -> None:
         with self._cond:
             self._ownership, self._applied = ownership, 0
+            self._progressed = 0
             self._cond.notify_all()
 
     def deactivate(self) -> None:
         with self._cond:
             self._ownership, self._applied = None, 0
+            self._progressed = 0
             stream, self._stream = self._stream, None
             self._cond.notify_all()
         if stream is not None:
@@ -162,9 +170,9 @@ class Informer:
         revision = self._load(ownership)
         self._applied_to(ownership, revision)
         loop.progress()
-        stream = self._client.watch(self._keys.inflight, prefix_end(self._keys.jobs),
-                                    revision + 1,
-                                    on_progress=lambda rev: self._applied_to(ownership, rev))
+        stream = self._client.watch(
+            self._keys.inflight, prefix_end(self._keys.jobs), revision + 1,
+            on_progress=lambda rev: self._applied_to(ownership, rev, progress=True))
         with self._cond:
             if self._ownership is not ownership:
                 stream.cancel()
@@ -175,33 +183,75 @@ class Informer:
             self._applied_to(ownership, events[-1].kv.mod_revision)
             loop.progress()
 
-    def _applied_to(self, ownership: Ownership, revision: int) -> None:
+    def _applied_to(self, ownership: Ownership, revision: int, progress: bool = False) -> None:
         with self._cond:
-            if self._ownership is ownership and revision > self._applied:
+            if self._ownership is not ownership:
+                return
+            if not progress and revision > self._applied:
                 self._applied = revision
-                self._cond.notify_all()
+            if revision > self._progressed or self._applied > self._progressed:
+                self._progressed = max(revision, self._applied)
+            self._cond.notify_all()
 
     def _fresh(self, ownership: Ownership, timeout: float) -> bool:
-        """One read barrier (a worker's thread): read etcd's current revision R linearizably,
-        then wait until every job change up to R is applied (asking the watch for a progress
-        notification, again every :data:`PROGRESS_EVERY` seconds).
+        """One read barrier (a worker's thread): write this replica's barrier key (bound to the
+        session's lease) at revision W, then wait until the watch has delivered that write, and
+        so, in order, every job change up to W.
 
-        :returns: False if ``timeout`` passes first or the session ends.
+        A write, not a linearizable read plus a progress notification: before etcd 3.4.25 and
+        3.5.8 a requested progress notification can overtake events still queued for a watch
+        that fell behind (etcd-io/etcd#15220), and a change acknowledged before the barrier
+        would be missed. Only while etcd refuses the write (its space quota is exhausted, or
+        the role does not cover the key) does the barrier fall back to that read.
+
+        :returns: False if ``timeout`` passes first, the lease is gone, or the session ends.
         """
+        if not ownership.lease_id:
+            return False
         deadline = time.monotonic() + timeout
+        try:
+            revision = self._client.put(self._keys.barrier(ownership.fence_key), b"",
+                                        lease=ownership.lease_id, deadline=deadline,
+                                        stop=self._stop).header.revision
+        except Stopped:
+            return False
+        except EtcdError as exc:
+            if exc.code not in _REFUSED:
+                return False
+            return self._fresh_by_progress(ownership, deadline, exc)
+        if self._refused_since is not None:
+            self._refused_since = None
+            self._log.info("read barrier: etcd accepts its writes again")
+        return self._wait_applied(ownership, deadline, revision, progress=False)
+
+    def _fresh_by_progress(self, ownership: Ownership, deadline: float,
+                           refused: EtcdError) -> bool:
+        """The fallback barrier: read etcd's revision R linearizably, then wait until the
+        watch's events or a progress notification (asked for every :data:`PROGRESS_EVERY`
+        seconds) reach R."""
+        if self._refused_since is None:
+            self._refused_since = time.monotonic()
+            self._log.warning("read barrier: etcd refuses its write (%s); proving the view "
+                              "current by a read and a watch progress notification instead",
+                              refused)
         try:
             revision = self._client.current_revision(self._keys.jobs, deadline=deadline,
                                                      stop=self._stop)
         except (EtcdError, Stopped):
             return False
+        return self._wait_applied(ownership, deadline, revision, progress=True)
+
+    def _wait_applied(self, ownership: Ownership, deadline: float, revision: int,
+                      progress: bool) -> bool:
         with self._cond:
-            while self._ownership is ownership and self._applied < revision:
+            while self._ownership is ownership and (
+                    self._progressed if progress else self._applied) < revision:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                if self._stream is not None:
+                if progress and self._stream is not None:
                     self._stream.request_progress()
-                self._cond.wait(min(PROGRESS_EVERY, left))
+                self._cond.wait(min(PROGRESS_EVERY, left) if progress else left)
             return self._ownership is ownership
 
     def _load(self, ownership: Ownership) -> int:

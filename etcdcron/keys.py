@@ -1,5 +1,6 @@
-"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``, and
-``NS/inflight/NAME`` (a trigger still running after its replica's session ended).
+"""Where things live in etcd: ``NS/jobs/NAME``, ``NS/counters/NAME``, ``NS/leadership/ID``,
+``NS/inflight/NAME`` (a trigger still running after its replica's session ended), and
+``NS/jobs\0/ID`` (a replica's read barrier, see :mod:`etcdcron.informer`).
 
 Any thread. A key under one of these prefixes is this namespace's only if its last part is a
 name: UTF-8 and without ``/``. Anything else is skipped wherever keys are read: a key whose part
@@ -41,6 +42,10 @@ class Keys:
         self.leadership = f"{namespace}/leadership/".encode()
         # Sorts just before jobs/, so that one watch of [inflight, end of jobs) sees both.
         self.inflight = f"{namespace}/inflight/".encode()
+        # NS/jobs\0/ID: a replica's read barrier. Inside the watched range (it sorts just before
+        # jobs/), yet no nested namespace's key (none has a NUL there); and where a namespace
+        # nested as NS/jobs puts its own, NS/jobs/jobs\0/ID, the "/" makes it a nested key.
+        self.barriers = f"{namespace}/jobs".encode() + b"\0/"
         self._log = logger or log
         # Guards _skipped: the keys (or nested prefixes) already logged as skipped.
         self._lock = threading.Lock()
@@ -57,6 +62,10 @@ class Keys:
 
     def leader(self, replica_id: str) -> bytes:
         return self.leadership + replica_id.encode()
+
+    def barrier(self, fence_key: bytes) -> bytes:
+        """The read-barrier key of the replica whose leadership key is ``fence_key``."""
+        return self.barriers + fence_key[len(self.leadership):]
 
     def job_name(self, key: bytes) -> str | None:
         """The job name of a ``NS/jobs/NAME`` key, or ``None`` if it is not one of ours."""

@@ -56,3 +56,33 @@ def _rfc3339(epoch: float) -> str:
     from tests.chaos.workload import rfc3339
 
     return rfc3339(epoch)
+
+
+def test_a_progress_notification_alone_never_proves_the_view_current(make_cron, monkeypatch):
+    # Chaos finding (seed 1202, 20 minutes): etcd before 3.5.8 can answer a requested progress
+    # notification with a revision whose events a watch that fell behind has not yet been sent
+    # (etcd-io/etcd#15220); a barrier that trusted it fired jobs deleted or replaced 0.05 to
+    # 26 s before. The events are held back here, and a bogus notification claims far ahead.
+    cron = make_cron(print)
+    cron.start()
+    assert cron.wait_elected(10)
+    cron.add("job", Job(due_time="1h"))
+    engine, informer = cron._engine, cron._engine.informer
+    wait_until(lambda: engine.index.names() == ["job"], 10)
+    ownership = engine.index.ownership
+    held, release = [], threading.Event()
+    apply = engine.apply_events
+
+    def holding(owner, events):
+        held.append(events)
+        release.wait(30)
+        apply(owner, events)
+
+    monkeypatch.setattr(engine, "apply_events", holding)
+    cron.add("other", Job(due_time="1h"))  # the watch now waits in holding()
+    wait_until(lambda: held, 10, message="the watch to hold an event")
+    informer._applied_to(ownership, 10**9, progress=True)
+    assert informer.barrier.wait(ownership, time.monotonic(), 1.0) is None
+    release.set()
+    assert informer.barrier.wait(ownership, time.monotonic(), 10.0) is not None
+    wait_until(lambda: engine.index.names() == ["job", "other"], 10)
