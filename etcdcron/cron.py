@@ -275,6 +275,7 @@ class Cron:
                                 logger=self._logger)
         for loop in essential:
             loop.on_stuck, loop.stuck_after = self._elector.resign, self._lease_ttl
+        self._engine.on_fence_failed = self._elector.fence_failed
         if self._metrics.enabled:
             engine = self._engine
             self._metrics.bind_state(owned_jobs=lambda: len(engine.index),

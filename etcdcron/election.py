@@ -200,6 +200,7 @@ class Elector:
         self._session: Ownership | None = None  # the engine's session, until it is drained
         self._members: dict[bytes, _Member] = {}
         self._watched_revision = 0  # of the keys seen; 0 until the first snapshot
+        self._relisting = False  # a fence failed: decide nothing until a fresh snapshot
         self._changed_at = 0.0  # monotonic time the membership last changed
         self._wake_at: float | None = None  # monotonic time the loop must evaluate again
         self._claim: _Claim | None = None
@@ -271,6 +272,12 @@ class Elector:
         if pending is None:
             self._log.warning("replica %r resigns its partitions: %s", self.replica_id, why)
         self.wake()
+
+    def fence_failed(self, ownership: Ownership) -> None:
+        """A write fenced by ``ownership`` failed (any thread): etcd's leadership key is not
+        what that session was granted on, so this replica's view of the keys is behind. The
+        election thread ends that session, lists the keys afresh, and decides again on them."""
+        self._inbox.put(("fenced", ownership.epoch))
 
     def halt(self) -> None:
         """End the election: the thread drains the session and exits. Unlike the shared stop
@@ -363,6 +370,13 @@ class Elector:
                 self._changed_at = time.monotonic()
             self._members = members
             self._watched_revision = revision
+            self._relisting = False
+        elif kind == "fenced":
+            if self._session is not None and self._session.epoch == message[1]:
+                self._end_session("a write's fence failed: its leadership key is not as this "
+                                  "session knows it", "key")
+                self._relisting = True
+                self.watch.relist()
         elif kind == "events":
             _, events, revision = message
             for event in events:
@@ -467,6 +481,8 @@ class Elector:
                 if not h.alive or h.failures >= STUCK_FAILURES]
 
     def _evaluate(self) -> None:
+        if self._relisting:
+            return  # the snapshot that ends it wakes the loop
         if self._state is ElectionState.RESIGNED:
             if time.monotonic() < self._resigned_until:
                 self._wake_at = self._resigned_until

@@ -177,7 +177,11 @@ class Engine:
         self.timer = Timer(self._dispatch, clock, logger, on_expired=self._expire)
         self.pool = WorkerPool(workers, self._run, logger)
         self.recorder = Recorder(self._commit, logger)
-        self.informer = Informer(client, keys, self, stop, logger)
+        #: Told (any thread) when a write fenced by a session failed: this replica's leadership
+        #: key is not as that session knows it (the Cron wires it to the election).
+        self.on_fence_failed: Callable[[Ownership], None] | None = None
+        self.informer = Informer(client, keys, self, stop, logger,
+                                 on_fence_failed=self._fence_failed)
 
     @property
     def loops(self) -> list[Loop]:
@@ -895,6 +899,7 @@ class Engine:
                 return
         if not response.succeeded:
             self._abandon(plans, "this replica's leadership changed (fence failed)")
+            self._fence_failed(ownership)
             return
         failed = [plan for plan, reply in zip(plans, response.responses)
                   if not reply.response_txn.succeeded]
@@ -1003,6 +1008,10 @@ class Engine:
                 self._arm_locked(state, ownership, arms)
             self._drained.notify_all()
         self.timer.arm_many(arms)
+
+    def _fence_failed(self, ownership: Ownership) -> None:
+        if self.on_fence_failed is not None:
+            self.on_fence_failed(ownership)
 
     def _adopt_locked(self, state: JobState, job_kvs: Sequence[Any],
                       counter_kvs: Sequence[Any]) -> bool | None:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from etcdcron._etcd import Backoff, Compacted, EtcdClient, Stopped, WatchStream
+from etcdcron._etcd import (
+    Backoff, Compacted, EtcdClient, Stopped, WatchStream, cmp_mod, op_put,
+)
 from etcdcron.errors import EtcdError
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys, prefix_end
@@ -98,8 +100,10 @@ class Informer:
     """
 
     def __init__(self, client: EtcdClient, keys: Keys, engine: Engine, stop: threading.Event,
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None,
+                 on_fence_failed: Callable[[Ownership], None] | None = None):
         self._client = client
+        self._on_fence_failed = on_fence_failed
         self._log = logger or log
         self._keys = keys
         self._engine = engine
@@ -204,25 +208,43 @@ class Informer:
         would be missed. Only while etcd refuses the write (its space quota is exhausted, or
         the role does not cover the key) does the barrier fall back to that read.
 
-        :returns: False if ``timeout`` passes first, the lease is gone, or the session ends.
+        Both are fenced by the session: a barrier also proves that this replica's leadership
+        key is still what the session was granted on. One that finds it changed (the election's
+        view of the keys fell behind) passes nothing and tells ``on_fence_failed``.
+
+        :returns: False if ``timeout`` passes first, the lease is gone, the fence failed, or
+            the session ends.
         """
         if not ownership.lease_id:
             return False
         deadline = time.monotonic() + timeout
+        fence = [cmp_mod(ownership.fence_key, ownership.fence_revision)]
         try:
-            revision = self._client.put(self._keys.barrier(ownership.fence_key), b"",
-                                        lease=ownership.lease_id, deadline=deadline,
-                                        stop=self._stop).header.revision
+            response = self._client.txn(
+                fence, [op_put(self._keys.barrier(ownership.fence_key), b"",
+                               lease=ownership.lease_id)],
+                deadline=deadline, stop=self._stop)
         except Stopped:
             return False
         except EtcdError as exc:
             if exc.code not in _REFUSED:
                 return False
             return self._fresh_by_progress(ownership, deadline, exc)
+        if not response.succeeded:
+            return self._fenced(ownership)
+        revision = response.header.revision
         if self._refused_since is not None:
             self._refused_since = None
             self._log.info("read barrier: etcd accepts its writes again")
         return self._wait_applied(ownership, deadline, revision, progress=False)
+
+    def _fenced(self, ownership: Ownership) -> bool:
+        self._log.warning("read barrier: this replica's leadership key is not as its session "
+                          "knows it (fence failed); nothing fires until the election has "
+                          "read the keys again")
+        if self._on_fence_failed is not None:
+            self._on_fence_failed(ownership)
+        return False
 
     def _fresh_by_progress(self, ownership: Ownership, deadline: float,
                            refused: EtcdError) -> bool:
@@ -234,12 +256,14 @@ class Informer:
             self._log.warning("read barrier: etcd refuses its write (%s); proving the view "
                               "current by a read and a watch progress notification instead",
                               refused)
-        try:
-            revision = self._client.current_revision(self._keys.jobs, deadline=deadline,
-                                                     stop=self._stop)
+        try:  # a range, fenced by hand: etcd refuses even read-only transactions when full
+            response = self._client.range(ownership.fence_key, deadline=deadline,
+                                          stop=self._stop)
         except (EtcdError, Stopped):
             return False
-        return self._wait_applied(ownership, deadline, revision, progress=True)
+        if not response.kvs or response.kvs[0].mod_revision != ownership.fence_revision:
+            return self._fenced(ownership)
+        return self._wait_applied(ownership, deadline, response.header.revision, progress=True)
 
     def _wait_applied(self, ownership: Ownership, deadline: float, revision: int,
                       progress: bool) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -9,6 +10,7 @@ import pytest
 
 from etcdcron import Cron, Job
 from etcdcron.testing import EtcdProxy, wait_until
+from tests.conftest import Calls
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
@@ -86,3 +88,31 @@ def test_a_progress_notification_alone_never_proves_the_view_current(make_cron, 
     release.set()
     assert informer.barrier.wait(ownership, time.monotonic(), 10.0) is not None
     wait_until(lambda: engine.index.names() == ["job", "other"], 10)
+
+
+def test_a_replica_whose_view_of_its_leadership_key_fell_behind_fires_nothing_until_it_relists(
+        make_cron, client, caplog):
+    # Chaos finding (seed 1202, 20 minutes): after a partition a replica's leadership watch
+    # lagged; it took up its own key at a stale revision and went on firing for 40 s, every
+    # result refused by its fence and every tick fired again elsewhere. Here its watch stops
+    # delivering events and its key is rewritten behind its back.
+    calls = Calls()
+    cron = make_cron(calls.add)
+    cron.start()
+    assert cron.wait_elected(10)
+    elector = cron._elector
+    deliver = elector.watch._deliver
+    elector.watch._deliver = lambda message: (message[0] != "events" and deliver(message))
+    key = cron._keys.leader(cron.replica_id)
+    held = client.range(key).kvs[0]
+    client.put(key, held.value, lease=held.lease)  # same value, a new revision
+    with caplog.at_level(logging.INFO, logger="etcdcron"):
+        cron.add("job", Job(due_time="0s"))
+        calls.wait("job", 1, timeout=20)
+    fenced = [r for r in caplog.records if "fence failed" in r.getMessage()]
+    assert fenced, "the stale session was never ended"
+    assert calls.times("job")[0] >= fenced[0].created  # only once the stale session ended
+    wait_until(lambda: not cron.list(), 10, message="the result to be recorded")
+    assert calls.count("job") == 1
+    assert cron.is_elected()
+    assert elector.ownership.fence_revision == client.range(key).kvs[0].mod_revision
