@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from etcd3.etcdrpc import rpc_pb2 as rpc
 
 from etcdcron import Cron
 from etcdcron._etcd import EtcdClient
@@ -138,3 +139,20 @@ def cron(make_cron, calls):
     assert c.wait_elected(10)
     return c
 
+
+def fill_until_nospace(client: EtcdClient) -> None:
+    """Write 1 MB values under ``fill/`` until etcd's NOSPACE alarm refuses them."""
+    with pytest.raises(Exception, match="database space exceeded"):
+        for n in range(100):
+            client.put(b"fill/%d" % n, b"x" * 1_000_000)
+
+
+def free_nospace(client: EtcdClient) -> None:
+    """What an operator does after a NOSPACE alarm: delete, compact, defragment, disarm."""
+    client.delete(b"fill/", b"fill0")
+    client.compact(client.current_revision())
+    client.call(client._maintenance.Defragment, rpc.DefragmentRequest(), "defragment")
+    member = client.call(client._maintenance.Status, rpc.StatusRequest(), "status")
+    client.call(client._maintenance.Alarm, rpc.AlarmRequest(
+        action=rpc.AlarmRequest.DEACTIVATE, memberID=member.header.member_id,
+        alarm=rpc.NOSPACE), "alarm")

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf import wrappers_pb2
 from google.protobuf.any_pb2 import Any
 
@@ -29,7 +28,7 @@ from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
 from etcdcron.testing import EtcdServer, bulk_add, wait_until
 from etcdcron.ticks import to_timestamp
-from tests.conftest import Calls
+from tests.conftest import Calls, fill_until_nospace, free_nospace
 
 pytestmark = pytest.mark.etcd
 
@@ -148,21 +147,12 @@ def test_a_result_etcd_refuses_is_retried_until_it_is_recorded(namespace):
             assert cron.wait_elected(10)
             cron.add("tick", Job(schedule="@every 200ms"))
             calls.wait("tick", 2)
-            with pytest.raises(Exception, match="database space exceeded"):
-                for n in range(100):  # fill etcd until its NOSPACE alarm goes off
-                    client.put(b"fill/%d" % n, b"x" * 1_000_000)
+            fill_until_nospace(client)
             wait_until(lambda: cron.health().unrecorded == ("tick",), 10,
                        message="the refused result to show in health()")
             stuck = calls.count("tick")
             assert cron.is_elected()
-            # an operator frees space: delete, compact, defragment, disarm
-            client.delete(b"fill/", b"fill0")
-            client.compact(client.current_revision())
-            client.call(client._maintenance.Defragment, rpc.DefragmentRequest(), "defragment")
-            member = client.call(client._maintenance.Status, rpc.StatusRequest(), "status")
-            client.call(client._maintenance.Alarm, rpc.AlarmRequest(
-                action=rpc.AlarmRequest.DEACTIVATE, memberID=member.header.member_id,
-                alarm=rpc.NOSPACE), "alarm")
+            free_nospace(client)
             calls.wait("tick", stuck + 3, timeout=30)
             assert cron.health().unrecorded == ()
         finally:

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-from etcd3.etcdrpc import rpc_pb2 as rpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +22,7 @@ from etcdcron import (
 )
 from etcdcron._etcd import EtcdClient
 from etcdcron.testing import EtcdProxy, EtcdServer, wait_until
+from tests.conftest import fill_until_nospace, free_nospace
 
 pytestmark = pytest.mark.etcd
 
@@ -194,20 +194,12 @@ def test_results_etcd_refuses_count_as_unrecorded(namespace):
             wait_until(lambda: metric(registry, "etcdcron_triggers_total", cron,
                                       result="success") >= 2, 10, message="two triggers")
             assert metric(registry, "etcdcron_unrecorded_results_total", cron) == 0
-            with pytest.raises(Exception, match="database space exceeded"):
-                for n in range(100):  # fill etcd until its NOSPACE alarm goes off
-                    client.put(b"fill/%d" % n, b"x" * 1_000_000)
+            fill_until_nospace(client)
             wait_until(lambda: metric(registry, "etcdcron_unrecorded_results_total", cron) >= 1,
                        10, message="the refused result to count")
             assert metric(registry, "etcdcron_etcd_errors_total", cron,
                           code="RESOURCE_EXHAUSTED") >= 1
-            client.delete(b"fill/", b"fill0")
-            client.compact(client.current_revision())
-            client.call(client._maintenance.Defragment, rpc.DefragmentRequest(), "defragment")
-            member = client.call(client._maintenance.Status, rpc.StatusRequest(), "status")
-            client.call(client._maintenance.Alarm, rpc.AlarmRequest(
-                action=rpc.AlarmRequest.DEACTIVATE, memberID=member.header.member_id,
-                alarm=rpc.NOSPACE), "alarm")
+            free_nospace(client)
         finally:
             cron.stop()
             client.close()
