@@ -200,7 +200,8 @@ class Elector:
         self._session: Ownership | None = None  # the engine's session, until it is drained
         self._members: dict[bytes, _Member] = {}
         self._watched_revision = 0  # of the keys seen; 0 until the first snapshot
-        self._relisting = False  # a fence failed: decide nothing until a fresh snapshot
+        # Monotonic time a fence failed: decide nothing until a fresh snapshot arrives.
+        self._relisting: float | None = None
         self._changed_at = 0.0  # monotonic time the membership last changed
         self._wake_at: float | None = None  # monotonic time the loop must evaluate again
         self._claim: _Claim | None = None
@@ -370,12 +371,12 @@ class Elector:
                 self._changed_at = time.monotonic()
             self._members = members
             self._watched_revision = revision
-            self._relisting = False
+            self._relisting = None
         elif kind == "fenced":
             if self._session is not None and self._session.epoch == message[1]:
                 self._end_session("a write's fence failed: its leadership key is not as this "
                                   "session knows it", "key")
-                self._relisting = True
+                self._relisting = time.monotonic()
                 self.watch.relist()
         elif kind == "events":
             _, events, revision = message
@@ -481,7 +482,11 @@ class Elector:
                 if not h.alive or h.failures >= STUCK_FAILURES]
 
     def _evaluate(self) -> None:
-        if self._relisting:
+        if self._relisting is not None:
+            if time.monotonic() - self._relisting > self._lease.ttl:
+                self._relisting = time.monotonic()
+                self.watch.relist()  # the watch failed meanwhile: ask again
+            self._wake_at = time.monotonic() + 1.0
             return  # the snapshot that ends it wakes the loop
         if self._state is ElectionState.RESIGNED:
             if time.monotonic() < self._resigned_until:

@@ -43,9 +43,11 @@ class LeaderWatch:
         self._keys = keys
         self._stop = stop
         self._deliver = deliver
-        # Guards _stream, which stop() and relist() cancel from other threads.
+        # Guards _stream, which stop() and relist() cancel from other threads, and _relist:
+        # whether a relist() came since the listing now delivered or under way began.
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
+        self._relist = False
         self.loop = Loop("etcdcron-leader-watch", self._run, stopping=stop.is_set,
                          wait=stop.wait, on_stuck=on_stuck, stuck_after=stuck_after,
                          logger=self._log)
@@ -58,7 +60,10 @@ class LeaderWatch:
         self._cancel()
 
     def relist(self) -> None:
-        """List the keys again and deliver a fresh snapshot (any thread)."""
+        """List the keys again and deliver a fresh snapshot (any thread): one listed after this
+        call, however it races the loop."""
+        with self._lock:
+            self._relist = True
         self._cancel()
 
     def _cancel(self) -> None:
@@ -76,6 +81,8 @@ class LeaderWatch:
         while not self._stop.is_set():
             stream = None
             try:
+                with self._lock:
+                    self._relist = False
                 revision, kvs = self._client.list_prefix(prefix, stop=self._stop, forever=True)
                 self._deliver(("snapshot", [kv for kv in kvs if self._is_member_key(kv.key)],
                                revision))
@@ -83,8 +90,11 @@ class LeaderWatch:
                 stream = self._client.watch(prefix, prefix_end(prefix), revision + 1)
                 with self._lock:
                     self._stream = stream
+                    relist = self._relist
                 if self._stop.is_set():
                     return
+                if relist:
+                    continue  # asked for while listing: list again (finally cancels the stream)
                 for events in stream:
                     self._deliver(("events", [e for e in events if self._is_member_key(e.kv.key)],
                                    events[-1].kv.mod_revision))

@@ -96,3 +96,39 @@ def test_a_loop_that_keeps_failing_makes_the_replica_resign_until_it_works(make_
     wait_until(lambda: loop.health().ok, 20, message="the loop to work again")
     wait_all_elected([a, b], 40)
     assert ownership(a)[0] == ownership(b)[0] == 2
+
+
+def test_a_relist_asked_for_while_the_watch_lists_still_brings_a_later_snapshot(client, namespace):
+    # The election relists after a failed fence and decides nothing until the snapshot comes:
+    # a relist() that lands while the watch is listing (before its stream exists) must not
+    # be lost, or the election would wait forever.
+    from etcdcron.keys import Keys
+    from etcdcron.leaderwatch import LeaderWatch
+
+    stop = threading.Event()
+    delivered: list[tuple] = []
+    watch = LeaderWatch(client, Keys(namespace), stop, delivered.append)
+    real_list = client.list_prefix
+    listings = []
+
+    class Listing:  # the client, with relist() called in the middle of the first listing
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def list_prefix(self, *args, **kwargs):
+            result = real_list(*args, **kwargs)
+            listings.append(result[0])
+            if len(listings) == 1:
+                watch.relist()
+            return result
+
+    watch._client = Listing()
+    watch.start()
+    try:
+        wait_until(lambda: len([m for m in delivered if m[0] == "snapshot"]) >= 2, 10,
+                   message="a second snapshot after the relist")
+        assert len(listings) >= 2
+    finally:
+        stop.set()
+        watch.stop()
+        watch.thread.join(10)
