@@ -646,6 +646,9 @@ class Elector:
                           "%d members (total %d, written at revision >= %d)", self.replica_id,
                           now - self._waiting_since, who, len(self._members),
                           len(self._members), newest)
+        # The lagging keys may be this replica's own view (its watch stalled after a fault,
+        # seen in the chaos runs): read them afresh; the snapshot replaces the view.
+        self.watch.relist()
 
     def _elect(self, total: int, indices: frozenset[int],
                membership: tuple[tuple[bytes, int], ...]) -> None:

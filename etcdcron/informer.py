@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: How often the fallback read barrier asks the watch again for a progress notification.
 PROGRESS_EVERY = 0.2
+#: Seconds barriers may wait in vain for the job watch before it starts over.
+WATCH_STALL = 5.0
 #: Codes of a barrier write etcd refuses while it could still be read (see Informer._fresh).
 _REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED})
 
@@ -117,6 +119,10 @@ class Informer:
         # (_progressed, at least _applied; see _fresh).
         self._applied = self._progressed = 0
         self._refused_since: float | None = None  # barrier writes refused: since when
+        # Monotonic times barriers began to wait in vain for the watch, and _applied last
+        # moved (see _stalled_locked).
+        self._waiting_since: float | None = None
+        self._applied_at = 0.0
         self.barrier = ReadBarrier(self._fresh)
         self.loop = Loop("etcdcron-watch", self._run, stopping=stop.is_set, wait=stop.wait,
                          logger=self._log)
@@ -192,7 +198,7 @@ class Informer:
             if self._ownership is not ownership:
                 return
             if not progress and revision > self._applied:
-                self._applied = revision
+                self._applied, self._applied_at = revision, time.monotonic()
             if revision > self._progressed or self._applied > self._progressed:
                 self._progressed = max(revision, self._applied)
             self._cond.notify_all()
@@ -272,11 +278,30 @@ class Informer:
                     self._progressed if progress else self._applied) < revision:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._stalled_locked(revision)
                     return False
                 if progress and self._stream is not None:
                     self._stream.request_progress()
                 self._cond.wait(min(PROGRESS_EVERY, left) if progress else left)
+            self._waiting_since = None
             return self._ownership is ownership
+
+    def _stalled_locked(self, revision: int) -> None:
+        """A barrier timed out waiting for the watch: once barriers have waited in vain, and the
+        watch delivered nothing, for :data:`WATCH_STALL` seconds, the stream is taken to be
+        stalled (seen in the chaos runs
+        after overlapping faults) and the job watch starts over with a fresh listing."""
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+            return
+        if (now - self._waiting_since < WATCH_STALL or now - self._applied_at < WATCH_STALL
+                or self._stream is None):
+            return  # not long enough, or the watch delivers (only slower), or it is listing
+        self._waiting_since = None
+        self._log.warning("job watch delivered nothing up to revision %d for %gs; listing "
+                          "and watching again", revision, WATCH_STALL)
+        self._stream.cancel()
 
     def _load(self, ownership: Ownership) -> int:
         """List jobs, counters and in-flight keys at one revision and hand them to the engine;

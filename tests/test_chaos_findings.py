@@ -116,3 +116,58 @@ def test_a_replica_whose_view_of_its_leadership_key_fell_behind_fires_nothing_un
     assert calls.count("job") == 1
     assert cron.is_elected()
     assert elector.ownership.fence_revision == client.range(key).kvs[0].mod_revision
+
+
+class _StalledWatches:
+    """An EtcdClient whose next watch stream stays open but delivers nothing (a stalled
+    stream); the ones after it work."""
+
+    def __init__(self, client):
+        self._client = client
+        self.stalled = 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def watch(self, *args, **kwargs):
+        stream = self._client.watch(*args, **kwargs)
+        if self.stalled:
+            return stream
+        self.stalled += 1
+        return _Stalled(stream)
+
+
+class _Stalled:
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __iter__(self):
+        for _ in self._stream:
+            pass  # swallowed
+        return iter(())
+
+    def cancel(self):
+        self._stream.cancel()
+
+    def request_progress(self):
+        pass
+
+
+def test_a_job_watch_that_stalls_is_started_over_and_the_job_fires(make_cron, caplog):
+    # Chaos finding (seed 1202, second 20-minute run): after overlapping faults a watch stream
+    # stayed open and delivered nothing; the read barrier waited for it forever, and the
+    # replica, elected, fired nothing.
+    calls = Calls()
+    cron = make_cron(calls.add)
+    cron.start()
+    assert cron.wait_elected(10)
+    informer = cron._engine.informer
+    cron.add("job", Job(due_time="3s"))
+    wait_until(lambda: cron._engine.index.names() == ["job"], 10, message="the job loaded")
+    informer._client = _StalledWatches(informer._client)
+    informer._stream.cancel()  # the next stream is a stalled one
+    wait_until(lambda: isinstance(informer._stream, _Stalled), 10)
+    assert calls.count("job") == 0
+    with caplog.at_level(logging.WARNING, logger="etcdcron"):
+        calls.wait("job", 1, timeout=30)
+    assert any("job watch delivered nothing" in r.getMessage() for r in caplog.records)
