@@ -118,7 +118,7 @@ class Informer:
         # the watch delivered its events (_applied), or as a progress notification says
         # (_progressed, at least _applied; see _fresh).
         self._applied = self._progressed = 0
-        self._refused_since: float | None = None  # barrier writes refused: since when
+        self._refused = False  # whether etcd refused the last barrier write (see _fresh)
         # Monotonic times barriers began to wait in vain for the watch, and _applied last
         # moved (see _stalled_locked).
         self._waiting_since: float | None = None
@@ -199,8 +199,7 @@ class Informer:
                 return
             if not progress and revision > self._applied:
                 self._applied, self._applied_at = revision, time.monotonic()
-            if revision > self._progressed or self._applied > self._progressed:
-                self._progressed = max(revision, self._applied)
+            self._progressed = max(self._progressed, self._applied, revision)
             self._cond.notify_all()
 
     def _fresh(self, ownership: Ownership, timeout: float) -> bool:
@@ -239,8 +238,8 @@ class Informer:
         if not response.succeeded:
             return self._fenced(ownership)
         revision = response.header.revision
-        if self._refused_since is not None:
-            self._refused_since = None
+        if self._refused:
+            self._refused = False
             self._log.info("read barrier: etcd accepts its writes again")
         return self._wait_applied(ownership, deadline, revision, progress=False)
 
@@ -257,8 +256,8 @@ class Informer:
         """The fallback barrier: read etcd's revision R linearizably, then wait until the
         watch's events or a progress notification (asked for every :data:`PROGRESS_EVERY`
         seconds) reach R."""
-        if self._refused_since is None:
-            self._refused_since = time.monotonic()
+        if not self._refused:
+            self._refused = True
             self._log.warning("read barrier: etcd refuses its write (%s); proving the view "
                               "current by a read and a watch progress notification instead",
                               refused)
@@ -289,8 +288,8 @@ class Informer:
     def _stalled_locked(self, revision: int) -> None:
         """A barrier timed out waiting for the watch: once barriers have waited in vain, and the
         watch delivered nothing, for :data:`WATCH_STALL` seconds, the stream is taken to be
-        stalled (seen in the chaos runs
-        after overlapping faults) and the job watch starts over with a fresh listing."""
+        stalled (seen in the chaos runs after overlapping faults) and the job watch starts
+        over with a fresh listing."""
         now = time.monotonic()
         if self._waiting_since is None:
             self._waiting_since = now
