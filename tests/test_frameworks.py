@@ -126,7 +126,9 @@ def test_django_test_client_adds_a_job_that_the_app_fires(django_app):
                            content_type="application/json")
     assert response.status_code == 201 and response.json() == {"added": "hello"}
     wait_until(lambda: fired.exists() and fired.read_text() == "hello\n", 10)
-    status = client.get("/jobs/hello").json()
+    # the trigger ran; its result is recorded a moment later
+    status = wait_until(lambda: (s := client.get("/jobs/hello").json())["count"] == 1 and s, 10,
+                        message="the first trigger's result to be recorded")
     assert status["count"] == 1 and status["owner"] == cron.replica_id
     wait_until(lambda: client.get("/jobs/hello").status_code == 404, 10)  # fired twice, done
     assert fired.read_text() == "hello\nhello\n"
