@@ -20,8 +20,11 @@ install: $(VENV)/.installed-test
 demo: $(VENV)/.installed-server
 	$(PY) examples/demo.py
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), each with its own etcd; a test
+# file stays on one worker (its fixtures are per file). PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed-test
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)

@@ -401,7 +401,9 @@ def test_to_result(value, expected):
     assert result is expected
 
 
-@pytest.mark.parametrize("value", [3, -1, 1.0, "SUCCESS", "ok", object(), [], {}, b"0"], ids=repr)
+@pytest.mark.parametrize("value", [3, -1, 1.0, "SUCCESS", "ok", object(), [], {}, b"0"],
+                         ids=lambda value: type(value).__name__ + ":" + (
+                             "" if type(value) is object else repr(value)))
 def test_to_result_rejects_anything_else(value):
     with pytest.raises(TypeError) as info:
         to_result(value)
