@@ -70,7 +70,7 @@ from etcdcron.recorder import MAX_BATCH, Outcome, Recorder
 from etcdcron.staging import Staging
 from etcdcron.store import decode_job_or_none
 from etcdcron.ticks import Pending, after_result, after_skip, catch_up, pending, to_timestamp
-from etcdcron.timer import Timer
+from etcdcron.timer import LEAD, Timer
 from etcdcron.workers import WorkerPool, to_result
 
 if TYPE_CHECKING:
@@ -91,8 +91,12 @@ LOAD_CHUNK = 2000
 _READS_PER_TXN = 64
 #: A trigger fires only on a view of etcd proven current (a read barrier) at most this many
 #: seconds before: one barrier serves every trigger of a burst, and a change acknowledged
-#: more than this before a trigger is always seen by it.
+#: more than this before a trigger is always seen by it. More than the timer's LEAD, at which
+#: barriers are run ahead of jobs falling due (see Engine._soon).
 FRESH_FOR = 0.05
+assert FRESH_FOR > LEAD
+#: How long results are held back at most while triggers wait for a worker (Engine._hold).
+HOLD_FOR = 0.05
 #: How long a worker waits for one read barrier before it checks its session again.
 BARRIER_PATIENCE = 1.0
 
@@ -174,9 +178,13 @@ class Engine:
         # name -> _Handed. Index lock.
         self._handed: dict[str, _Handed] = {}
         self.staging = staging
-        self.timer = Timer(self._dispatch, clock, logger, on_expired=self._expire)
+        self.timer = Timer(self._dispatch, clock, logger, on_expired=self._expire,
+                           on_soon=self._soon)
         self.pool = WorkerPool(workers, self._run, logger)
-        self.recorder = Recorder(self._commit, logger)
+        # When the recorder began holding results back for triggers waiting for a worker (see
+        # _hold); any recorder thread, so a race only lengthens or shortens one hold.
+        self._holding_since: float | None = None
+        self.recorder = Recorder(self._commit, logger, hold=self._hold)
         #: Told (any thread) when a write fenced by a session failed: this replica's leadership
         #: key is not as that session knows it (the Cron wires it to the election).
         self.on_fence_failed: Callable[[Ownership], None] | None = None
@@ -533,6 +541,34 @@ class Engine:
         self.timer.arm_many(early)
         self.timer.arm_deadlines(deadlines)
         self.pool.submit(ready)
+
+    def _soon(self, due: float) -> None:
+        """Jobs fall due at ``due`` (timer thread, at most :data:`~etcdcron.timer.LEAD`
+        seconds before): a worker runs their read barrier now, so that they need not wait for
+        one when their time comes. It began at most ``LEAD`` seconds before ``due``, so within
+        :data:`FRESH_FOR` of each trigger it serves, as every barrier must."""
+        ownership = self.index.ownership
+        if ownership is None:
+            return
+        since = time.monotonic() + (due - self._clock()) - LEAD
+        barrier = self.informer.barrier
+        if not barrier.covers(ownership, since):
+            self.pool.call(lambda: barrier.wait(ownership, since, BARRIER_PATIENCE))
+
+    def _hold(self) -> None:
+        """Before a batch of results is recorded (a recorder thread): while triggers that fell
+        due still wait for a worker, wait for them to be taken, for at most :data:`HOLD_FOR`
+        seconds in all until none waits. A result is recorded at most that much later; the job's
+        next tick is armed only once it is."""
+        if self.pool.wait_taken(0.0):
+            self._holding_since = None
+            return
+        now = time.monotonic()
+        if self._holding_since is None:
+            self._holding_since = now
+        left = self._holding_since + HOLD_FOR - now
+        if left > 0 and self.pool.wait_taken(left):
+            self._holding_since = None
 
     def _start_run_locked(self, state: JobState,
                           deadlines: list[tuple[float, object, object]]) -> tuple[str, int, int]:

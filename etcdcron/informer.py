@@ -63,6 +63,12 @@ class ReadBarrier:
         self._running = False
         self._passed: tuple[Ownership | None, float] = (None, -math.inf)
 
+    def covers(self, ownership: Ownership, since: float) -> bool:
+        """Whether a barrier runs now, or one that began at or after ``since`` passed for
+        ``ownership`` (so that running another ahead of time would add nothing)."""
+        with self._cond:
+            return self._running or (self._passed[0] is ownership and self._passed[1] >= since)
+
     def wait(self, ownership: Ownership, since: float, timeout: float) -> float | None:
         """Wait until a barrier that began at or after ``since`` passed for ``ownership``.
 

@@ -11,6 +11,10 @@ outcome in flight at a time, so one job's outcomes never race each other.
 
 An outcome that etcd refused (or that could not be written for any other reason) comes back
 with :meth:`Recorder.retry_later` and joins a later batch once its delay has passed.
+
+Before each batch the recorder calls ``hold``, which may wait a little: the engine holds results
+back (bounded) while triggers that fell due at the same time still wait for a worker, so that
+recording them does not slow down firing the rest.
 """
 
 from __future__ import annotations
@@ -70,8 +74,10 @@ class Recorder:
     anyway, the whole batch is offered to ``commit`` again after a backoff."""
 
     def __init__(self, commit: Callable[[list[Outcome]], None],
-                 logger: logging.Logger | None = None, threads: int = THREADS):
+                 logger: logging.Logger | None = None, threads: int = THREADS,
+                 hold: Callable[[], None] | None = None):
         self._commit = commit
+        self._hold = hold
         self._log = logger or log
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # Outcome, _WAKE or _STOP
         self._stopped = threading.Event()
@@ -164,6 +170,8 @@ class Recorder:
                 loop.progress()
 
     def _commit_or_retry(self, batch: list[Outcome]) -> None:
+        if self._hold is not None:
+            self._hold()
         try:
             self._commit(batch)
         except BaseException:

@@ -29,6 +29,9 @@ MIN_WAIT = 0.001
 #: Entries handed out per wake-up at most, so that the workers start on the first ones while
 #: the timer goes on with the rest (10,000 jobs due at once).
 CHUNK = 256
+#: How long before the next entry falls due the timer tells ``on_soon`` (so that what every
+#: trigger must wait for, a read barrier, can be done before its time instead of after it).
+LEAD = 0.02
 
 
 class TimerHeap:
@@ -106,13 +109,19 @@ class Timer:
     once) and the supervisor runs the loop again after a backoff.
 
     :param clock: wall-clock seconds since the epoch (injected in tests).
+    :param on_soon: called (on the timer thread, without the timer's lock) with the due time of
+        the next entry once it is at most :data:`LEAD` seconds away, once per due time; it must
+        return at once.
     """
 
     def __init__(self, on_due: Callable[[list[tuple[str, int]]], None],
                  clock: Callable[[], float] = time.time, logger: logging.Logger | None = None,
-                 on_expired: Callable[[list[tuple[Any, Any]]], None] | None = None):
+                 on_expired: Callable[[list[tuple[Any, Any]]], None] | None = None,
+                 on_soon: Callable[[float], None] | None = None):
         self._on_due = on_due
         self._on_expired = on_expired
+        self._on_soon = on_soon
+        self._told = -1.0  # the last due time on_soon was told of (timer thread only)
         self._log = logger or log
         self._clock = clock
         # Guards _heap, _deadlines and _stopping; notified when an earlier entry is armed or on
@@ -172,6 +181,7 @@ class Timer:
 
     def _run(self, loop: Loop) -> None:
         while True:
+            soon = None
             with self._cond:
                 while not self._stopping:
                     now = self._clock()
@@ -180,13 +190,22 @@ class Timer:
                     if due or expired:
                         break
                     wait = MAX_WAIT
-                    for heap in (self._heap, self._deadlines):
-                        next_due = heap.next_due()
+                    next_due = self._heap.next_due()
+                    if (self._on_soon is not None and next_due is not None
+                            and next_due != self._told):
+                        if next_due - now <= LEAD:
+                            soon = self._told = next_due
+                            break
+                        wait = min(wait, next_due - LEAD - now)  # wake to tell on_soon
+                    for next_due in (next_due, self._deadlines.next_due()):
                         if next_due is not None:
                             wait = min(wait, next_due - now)
                     self._cond.wait(max(wait, MIN_WAIT))
                 if self._stopping:
                     return
+            if soon is not None and self._on_soon is not None:
+                self._on_soon(soon)
+                continue
             try:
                 if expired:
                     self._on_expired(expired)  # type: ignore[misc]  # set with deadlines

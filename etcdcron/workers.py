@@ -65,7 +65,8 @@ class WorkerPool:
         self._run = run
         self._log = logger or log
         self._size = size
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (name, token, run) or _STOP
+        # (name, token, run), a task of call(), or _STOP
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._names = itertools.count()
         # Guards _loops, _current and _retired: the worker loops, what each one runs (by loop
@@ -74,6 +75,8 @@ class WorkerPool:
         self._loops: list[Loop] = [self._new_loop() for _ in range(size)]
         self._current: dict[str, tuple[str, int, int]] = {}
         self._retired: set[str] = set()
+        # Notified when a worker took the last item waiting (see wait_taken).
+        self._taken = threading.Condition(threading.Lock())
 
     def _new_loop(self) -> Loop:
         return Loop(f"etcdcron-worker-{next(self._names)}", self._loop,
@@ -101,6 +104,18 @@ class WorkerPool:
     def submit(self, items: Iterable[tuple[str, int, int]]) -> None:
         for item in items:
             self._queue.put(item)
+
+    def call(self, task: Callable[[], object]) -> None:
+        """Run ``task()`` on a worker, in turn with the items (what it raises is logged)."""
+        self._queue.put(task)
+
+    def wait_taken(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until a worker has taken every item submitted so far (any
+        thread); returns whether none is waiting."""
+        if self._queue.empty():
+            return True
+        with self._taken:
+            return self._taken.wait_for(self._queue.empty, timeout)
 
     def expired(self, item: tuple[str, int, int]) -> None:
         """The trigger of ``item`` ran past its timeout: if a worker is still in it, replace
@@ -131,9 +146,19 @@ class WorkerPool:
         name = loop.name
         while True:
             item = self._queue.get()
+            if self._queue.empty():
+                with self._taken:
+                    self._taken.notify_all()
             if item is _STOP:
                 self._queue.put(_STOP)
                 return
+            if not isinstance(item, tuple):  # a task of call()
+                try:
+                    item()
+                except BaseException as exc:  # noqa: BLE001 - the worker goes on
+                    self._log.error("etcdcron worker failed running %r", item, exc_info=exc)
+                loop.progress()
+                continue
             with self._lock:
                 self._current[name] = item
             try:

@@ -6,8 +6,10 @@ and the job's absence from etcd (a finished or deleted job is gone, so nothing c
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from datetime import datetime, timezone
 from concurrent.futures import Future
 
 import pytest
@@ -24,6 +26,7 @@ from etcdcron import (
 from etcdcron._pb import stored_pb2
 from etcdcron.keys import Keys
 from etcdcron.testing import bulk_add, wait_until
+from etcdcron.timer import LEAD
 from tests.conftest import Calls
 
 pytestmark = pytest.mark.etcd
@@ -525,3 +528,23 @@ def test_a_counter_changed_by_another_writer_is_taken_over(make_cron, calls):
     release.set()
     wait_until(lambda: gone(cron, "adopt"), 10)
     assert calls.count("adopt") == 2 + 2  # the held result was dropped; 4 of 6 came from etcd
+
+
+@pytest.mark.etcd
+def test_the_read_barrier_of_jobs_falling_due_runs_before_their_time(cron, calls, monkeypatch):
+    # Every trigger waits for a read barrier begun at most FRESH_FOR before it; the one for jobs
+    # falling due is run LEAD ahead of their time, so that they need not wait a round trip.
+    barrier = cron._engine.informer.barrier
+    began = []
+    check = barrier._check
+
+    def recording(ownership, timeout):
+        began.append(time.time())
+        return check(ownership, timeout)
+
+    monkeypatch.setattr(barrier, "_check", recording)
+    due = math.ceil(time.time()) + 2
+    cron.add("aligned", Job(due_time=datetime.fromtimestamp(due, timezone.utc).isoformat()))
+    calls.wait("aligned", 1)
+    assert calls.times("aligned")[0] >= due
+    assert [t for t in began if due - LEAD - 0.05 <= t < due], (due, began)

@@ -231,6 +231,36 @@ def test_timer_survives_a_failing_on_due_and_delivers_those_entries_again(make_t
     assert timer.loop.health().restarts == 1
 
 
+def test_timer_tells_on_soon_once_per_due_time_before_it_falls_due(monkeypatch, fake_clock,
+                                                                   logger):
+    monkeypatch.setattr(timer_module, "MAX_WAIT", 60.0)
+    deliveries, soon = Deliveries(), Deliveries()
+    timer = Timer(deliveries, clock=lambda: fake_clock[0], logger=logger,
+                  on_soon=lambda due: soon([(due, 0)]))
+    start = fake_clock[0]
+    timer.arm_many([(start + timer_module.LEAD / 2, "near", 1), (start + 5, "far", 2)])
+    timer.start()
+    try:
+        assert soon.wait(1) == [[(start + timer_module.LEAD / 2, 0)]]
+        assert deliveries.batches == []  # told ahead of time, not yet due
+        timer.arm_many([(start + 50, "farther", 3)])  # wakes the timer: nothing new to tell
+        fake_clock[0] = start + timer_module.LEAD  # "near" is due, "far" is 5 s away
+        timer.arm_many([(start + 60, "farthest", 4)])
+        assert deliveries.wait(1) == [[("near", 1)]]
+        assert len(soon.batches) == 1
+        fake_clock[0] = start + 5 - timer_module.LEAD / 2  # "far" is near now
+        timer.arm_many([(start + 70, "last", 5)])
+        assert soon.wait(2)[1] == [(start + 5, 0)]
+        assert len(deliveries.batches) == 1
+        fake_clock[0] = start + 5
+        timer.arm_many([(start + 80, "wake", 6)])
+        assert deliveries.wait(2)[1] == [("far", 2)]
+        assert len(soon.batches) == 2 and soon.threads == ["etcdcron-timer"] * 2
+    finally:
+        timer.stop()
+        timer.thread.join(WAIT)
+
+
 def test_timer_heap_stays_in_proportion_to_its_jobs_under_replaces_and_deletes():
     heap = TimerHeap()
     for version in range(5000):  # one job, replaced again and again, far in the future
