@@ -551,9 +551,15 @@ class Engine:
         if ownership is None:
             return
         since = time.monotonic() + (due - self._clock()) - LEAD
+        if not self.informer.barrier.covers(ownership, since):
+            self.pool.call(lambda: self._prime(ownership, since))
+
+    def _prime(self, ownership: Ownership, since: float) -> None:
+        """Run the barrier of :meth:`_soon` (a worker), unless the session ended meanwhile or
+        another barrier covers it by now."""
         barrier = self.informer.barrier
-        if not barrier.covers(ownership, since):
-            self.pool.call(lambda: barrier.wait(ownership, since, BARRIER_PATIENCE))
+        if self.index.ownership is ownership and not barrier.covers(ownership, since):
+            barrier.wait(ownership, since, BARRIER_PATIENCE)
 
     def _hold(self) -> None:
         """Before a batch of results is recorded (a recorder thread): while triggers that fell
