@@ -16,8 +16,9 @@ plus the lateness histogram ``bench/lateness.png``.
 Every replica is a process of its own (``bench/replica.py``), every process is stopped by its
 PID. ``--quick`` runs every row at small sizes (a smoke run, about 2 minutes) and writes
 ``bench/RESULTS-quick.md``; ``--only ROW`` runs some rows (``bench/RESULTS-partial.md``);
-``--profile`` records py-spy profiles of one replica during the biggest one-replica burst and
-the 10,000-job aligned steady run into ``bench/profiles/``.
+``--profile`` records py-spy profiles of one replica during the biggest one-replica burst, the
+10,000-job aligned steady run and the replica loading the most stored jobs (scale) into
+``bench/profiles/``.
 """
 
 from __future__ import annotations
@@ -630,7 +631,8 @@ def bench_scale(run: Run) -> None:
         run.add(Result("scale", f"list() of {n:,} stored jobs", "fresh Cron, not started",
                        f"{took:.2f} s ({listed:,} jobs, {rate(listed, took)})", target, met))
 
-        proc = run.replica("ready", namespace, "--last", LAST)
+        path = profile_path(run, f"ready-{n}") if n == max(run.sizes.scale) else None
+        proc = run.replica("ready", namespace, "--last", LAST, profile=path)
         try:
             proc.wait("ready", 60)
             proc.send("go")
@@ -639,9 +641,11 @@ def bench_scale(run: Run) -> None:
             proc.stop(120)
         finally:
             proc.close()
+        finish_profile(run, path)
         target, met = ("≤ 20 s", ready <= 20) if n == 1_000_000 else ("", None)
         run.add(Result("scale", f"replica over {n:,} stored jobs: start() until ready",
-                       "fresh process; ready = the last job in key order (past due) fired",
+                       "fresh process; ready = the last job in key order (past due) fired"
+                       + (", profiled" if path else ""),
                        f"{ready:.2f} s", target, met))
         growth = (rss["after_kib"] - rss["before_kib"]) * 1024
         per_job = growth / n

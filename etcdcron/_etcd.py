@@ -478,6 +478,33 @@ def _too_large(exc: EtcdError) -> int | None:
 # -- the client -----------------------------------------------------------------------------------
 
 
+class _ReadAhead:
+    """A page of a listing requested ahead of its turn, on gRPC's own threads: one attempt,
+    no retries. :meth:`take` gives its answer if that attempt succeeded, else ``None``, and
+    the page is then read again as any call is (retries, failover, a fresh token)."""
+
+    __slots__ = ("_future", "_done")
+
+    def __init__(self, future: Any):
+        self._future = future
+        self._done = threading.Event()
+        future.add_done_callback(lambda _: self._done.set())
+
+    def take(self, stop: threading.Event | None) -> Any:
+        """The answer, or ``None``. :raises Stopped: if ``stop`` is set while it waits."""
+        while not self._done.wait(_STOP_POLL):
+            if stop is not None and stop.is_set():
+                self._future.cancel()
+                raise Stopped()
+        try:
+            return self._future.result()
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            return None
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+
 class EtcdClient:
     """A thread-safe etcd v3 client over one (shared) connection.
 
@@ -873,27 +900,56 @@ class EtcdClient:
         key = prefix
         receive_limit = self._conn.spec.max_receive_bytes if self._conn.spec else 4 << 20
         pages = PageSizer(min(8 << 20, receive_limit // 4), first=page_size)
-        while True:
-            try:
-                response = self.range(key, end, revision=revision, limit=pages.limit,
-                                      keys_only=keys_only, **kw)
-            except EtcdError as exc:
-                size = _too_large(exc)
-                if size is None:
-                    raise
-                if not pages.too_large(size, receive_limit):
-                    raise EtcdError(f"a key under {prefix!r} is larger than this client's "
-                                    f"receive limit of {receive_limit} bytes",
-                                    code=exc.code, details=exc.details) from exc
-                log.info("a page of %r was too large (%s); reading %d keys a page",
-                         prefix, exc.details, pages.limit)
-                continue
-            revision = response.header.revision if revision == 0 else revision
-            pages.observe(len(response.kvs), response.ByteSize())
-            yield revision, list(response.kvs)
-            if not response.more or not response.kvs:
-                return
-            key = response.kvs[-1].key + b"\0"
+        ahead: _ReadAhead | None = None
+        try:
+            while True:
+                response = ahead.take(kw.get("stop")) if ahead is not None else None
+                ahead = None
+                if response is None:
+                    try:
+                        response = self.range(key, end, revision=revision, limit=pages.limit,
+                                              keys_only=keys_only, **kw)
+                    except EtcdError as exc:
+                        size = _too_large(exc)
+                        if size is None:
+                            raise
+                        if not pages.too_large(size, receive_limit):
+                            raise EtcdError(f"a key under {prefix!r} is larger than this "
+                                            f"client's receive limit of {receive_limit} bytes",
+                                            code=exc.code, details=exc.details) from exc
+                        log.info("a page of %r was too large (%s); reading %d keys a page",
+                                 prefix, exc.details, pages.limit)
+                        continue
+                revision = response.header.revision if revision == 0 else revision
+                pages.observe(len(response.kvs), response.ByteSize())
+                more = response.more and len(response.kvs) > 0
+                if more:
+                    key = response.kvs[-1].key + b"\0"
+                    ahead = self._read_ahead(rpc.RangeRequest(
+                        key=key, range_end=end, revision=revision, limit=pages.limit,
+                        keys_only=keys_only))
+                yield revision, list(response.kvs)
+                if not more:
+                    return
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+    def _read_ahead(self, request: rpc.RangeRequest) -> _ReadAhead | None:
+        """Send the next page's request now, while the caller works through this one."""
+        if self._credentials is not None:
+            with self._token_lock:
+                token = self._token
+            if token is None:
+                return None  # authenticating is for the call proper
+        else:
+            token = None
+        try:
+            future = self._kv.Range.on(self._conn.link()).future(
+                request, timeout=self.request_timeout, metadata=self._metadata(token))
+        except grpc.RpcError:
+            return None
+        return _ReadAhead(future)
 
     def list_prefix(self, prefix: bytes, *, revision: int = 0,
                     **kw: Any) -> tuple[int, list[Any]]:

@@ -31,10 +31,11 @@ with capped backoff until it succeeds, the job changes, or the session ends
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -331,34 +332,45 @@ class Engine:
             return None
         return name, record
 
-    def load(self, ownership: Ownership, jobs: list[Any], counters: dict[str, Any],
+    def load(self, ownership: Ownership, jobs: Iterable[tuple[Any, Any | None]],
              claims: list[Any], revision: int) -> None:
         """Take a full listing at ``revision``: load owned jobs, forget the ones not listed.
 
-        ``claims`` are the ``NS/inflight/`` keys at that revision."""
-        owned = []  # decoded before taking the lock: the timer and workers wait on it
+        ``jobs`` are ``(job kv, counter kv or None)`` pairs, consumed as they come (a listing
+        read from etcd while it loads); ``claims`` are the ``NS/inflight/`` keys at that
+        revision. Nothing loaded fires before the listing is whole: every trigger waits for a
+        read barrier, which the informer passes only once this has returned."""
         claimed = dict(filter(None, (self._decode_claim(kv) for kv in claims)))
-        for kv in jobs:
-            decoded = self._decode(kv, ownership)
-            if decoded is None:
-                continue
-            name, record = decoded
-            counter_kv = counters.get(name)
-            counter = decode_counter(counter_kv.value, name, self._log) if counter_kv else None
-            owned.append((name, record, kv.mod_revision, counter,
-                          counter_kv.mod_revision if counter_kv else 0, kv.value))
-        listed = {entry[0] for entry in owned}
-        # In chunks, each under the lock once and armed at once: the timer, the workers and the
-        # recorder go on (and the first jobs fire) while a big listing loads.
-        for start in range(0, max(len(owned), 1), LOAD_CHUNK):
+        listed: set[str] = set()
+        first = True
+        pairs = iter(jobs)
+        # In chunks, each decoded before taking the lock (the timer and the workers wait on
+        # it), loaded under it at once and armed at once: a decoded record weighs a kilobyte,
+        # so only a chunk of them is ever held.
+        while True:
+            owned, taken = [], 0
+            for kv, counter_kv in itertools.islice(pairs, LOAD_CHUNK):
+                taken += 1
+                decoded = self._decode(kv, ownership)
+                if decoded is None:
+                    continue
+                name, record = decoded
+                counter = (decode_counter(counter_kv.value, name, self._log)
+                           if counter_kv is not None else None)
+                owned.append((name, record, kv.mod_revision, counter,
+                              counter_kv.mod_revision if counter_kv is not None else 0, kv.value))
+            if not taken and not first:
+                break
             arms: list[tuple[float, str, int]] = []
             with self.index.lock:
                 if self.index.ownership is not ownership:
                     return
-                if start == 0:
+                if first:
                     self.index.caught_up_locked(revision)
                     self._claims = claimed
-                for entry in owned[start:start + LOAD_CHUNK]:
+                    first = False
+                for entry in owned:
+                    listed.add(entry[0])
                     self._put_locked(entry, ownership, arms)
             self.timer.arm_many(arms)
         with self.index.lock:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from google.protobuf import any_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.schedule import Schedule, parse_duration, parse_schedule
@@ -102,19 +103,30 @@ def decode_counter(value: bytes, name: str,
     return counter
 
 
-_RECORD_TIMES = ("start", "due_time", "expiration", "resumed")
 _COUNTER_TIMES = ("last_trigger", "last_skipped")
 #: The seconds of 0001-01-01T00:00:00Z and of 9999-12-31T23:59:59Z: what a datetime holds.
 _FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
 
 
-def check_times(record: stored_pb2.Job, counter: stored_pb2.Counter) -> None:
-    """Raise ``ValueError`` if a time ``record`` or ``counter`` carries is out of range."""
-    for message, names in ((record, _RECORD_TIMES), (counter, _COUNTER_TIMES)):
-        for name in names:
-            if message.HasField(name) and not (
-                    _FIRST_SECOND <= getattr(message, name).seconds <= _LAST_SECOND):
-                raise ValueError(f"its {name} is out of range")
+def check_times(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> None:
+    """Raise ``ValueError`` if a time ``record`` or ``counter`` (if any) carries is out of
+    range. Field by field: a listing of a million jobs checks each of them."""
+    begin = record.WhichOneof("begin")
+    if begin is not None:
+        _check_time(begin, getattr(record, begin))
+    if record.HasField("expiration"):
+        _check_time("expiration", record.expiration)
+    if record.HasField("resumed"):
+        _check_time("resumed", record.resumed)
+    if counter is not None:
+        for name in _COUNTER_TIMES:
+            if counter.HasField(name):
+                _check_time(name, getattr(counter, name))
+
+
+def _check_time(name: str, ts: Timestamp) -> None:
+    if not _FIRST_SECOND <= ts.seconds <= _LAST_SECOND:
+        raise ValueError(f"its {name} is out of range")
 
 
 def counter_of(record: stored_pb2.Job, counter: stored_pb2.Counter | None) -> stored_pb2.Counter:
@@ -313,7 +325,7 @@ class JobIndex:
         if counter is not None and counter.job_partition_id != record.partition_id:
             counter = None  # left by another version: it does not count
         untouched = _UNTOUCHED if counter is None else counter
-        check_times(record, untouched)
+        check_times(record, counter)
         schedule = _schedule_of(record)
         nxt = pending(record, untouched, schedule)
         if old is not None:

@@ -25,7 +25,7 @@ from etcdcron._etcd import (
 from etcdcron.errors import EtcdError
 from etcdcron.index import Ownership
 from etcdcron.keys import Keys, prefix_end
-from etcdcron.store import list_jobs_and_counters
+from etcdcron.store import stream_jobs_and_counters
 from etcdcron.supervise import Loop
 
 if TYPE_CHECKING:
@@ -312,7 +312,7 @@ class Informer:
         """List jobs, counters and in-flight keys at one revision and hand them to the engine;
         return the revision."""
         kw = {"stop": self._stop, "forever": True}
-        revision, jobs, counters = list_jobs_and_counters(self._client, self._keys, **kw)
+        revision, jobs = stream_jobs_and_counters(self._client, self._keys, **kw)
         _, claims = self._client.list_prefix(self._keys.inflight, revision=revision, **kw)
-        self._engine.load(ownership, jobs, counters, claims, revision)
+        self._engine.load(ownership, jobs, claims, revision)
         return revision

@@ -7,8 +7,9 @@ Every write is one etcd transaction, so nothing is ever half-written.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +29,8 @@ from etcdcron.keys import Keys, prefix_end
 from etcdcron.ticks import to_timestamp
 from etcdcron.validation import prepare_job, validate_name, validate_prefix
 
-__all__ = ["Store", "decode_job", "MAX_PREFIXES"]
+__all__ = ["Store", "decode_job", "MAX_PREFIXES", "list_jobs_and_counters",
+           "stream_jobs_and_counters"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,40 @@ def list_jobs_and_counters(client: EtcdClient, keys: Keys,
     _, counters = client.list_prefix(keys.counters, revision=revision, **kw)
     named = ((keys.counter_name(kv.key), kv) for kv in counters)
     return revision, jobs, {name: kv for name, kv in named if name is not None}
+
+
+def stream_jobs_and_counters(client: EtcdClient, keys: Keys,
+                             **kw: Any) -> tuple[int, Iterator[tuple[Any, Any | None]]]:
+    """Every job of the namespace at one revision with its counter, read as it is consumed:
+    ``(revision, iterator of (job kv, counter kv or None))``, in key order.
+
+    Unlike :func:`list_jobs_and_counters`, a million jobs are never all in memory at once: the
+    jobs and the counters are read page by page side by side (both are in name order) and
+    matched as they go. The first page of jobs is read before this returns (it fixes the
+    revision); the rest, and the counters, as the iterator is consumed.
+    """
+    job_pages = client.iter_prefix(keys.jobs, **kw)
+    revision, first = next(job_pages)
+    counter_pages = client.iter_prefix(keys.counters, revision=revision, **kw)
+    jobs = itertools.chain(first, itertools.chain.from_iterable(page for _, page in job_pages))
+    counters = itertools.chain.from_iterable(page for _, page in counter_pages)
+    return revision, _matched(jobs, counters, len(keys.jobs), len(keys.counters))
+
+
+def _matched(jobs: Iterator[Any], counters: Iterator[Any], job_prefix: int,
+             counter_prefix: int) -> Iterator[tuple[Any, Any | None]]:
+    """Each job kv with the counter kv of the same name (or ``None``): a merge of two
+    listings in key order."""
+    counter = next(counters, None)
+    for kv in jobs:
+        name = kv.key[job_prefix:]
+        while counter is not None and counter.key[counter_prefix:] < name:
+            counter = next(counters, None)
+        if counter is not None and counter.key[counter_prefix:] == name:
+            yield kv, counter
+            counter = next(counters, None)
+        else:
+            yield kv, None
 
 
 class Store:
@@ -247,13 +283,43 @@ class Store:
         out (never deleted).
         """
         validate_prefix(prefix)
-        jobs = []
+        jobs: list[api_pb2.NamedJob] = []
         for _, kvs in self._client.iter_prefix(self._keys.job(prefix)):
-            for kv in kvs:
-                name = self._keys.job_name(kv.key)
-                record = (None if name is None
-                          else decode_job_or_none(kv.value, name, kv.mod_revision, self._keys))
-                if record is None:
-                    continue
-                jobs.append(api_pb2.NamedJob(name=name, job=record.job))
+            jobs.extend(self._named_page(kvs))
         return jobs
+
+    def _named_page(self, kvs: Any) -> Any:
+        """The jobs of one listed page as ``NamedJob`` messages.
+
+        A million jobs are a million messages: built one by one, each takes its own arena (a
+        kilobyte, and most of the listing's time). So the page is assembled in the wire format
+        of a ``ListResponse`` and parsed once, and its messages share that one's memory.
+        """
+        parts: list[bytes] = []
+        jobs_prefix = len(self._keys.jobs)
+        for kv in kvs:
+            name = self._keys.job_name(kv.key)
+            record = (None if name is None
+                      else decode_job_or_none(kv.value, name, kv.mod_revision, self._keys))
+            if record is None:
+                continue
+            encoded_name, job = kv.key[jobs_prefix:], record.job.SerializeToString()
+            named = b"".join((b"\x0a", _varint(len(encoded_name)), encoded_name,
+                              b"\x12", _varint(len(job)), job))
+            parts += (b"\x0a", _varint(len(named)), named)
+        return api_pb2.ListResponse.FromString(b"".join(parts)).jobs
+
+
+def _varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf varint."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]

@@ -16,7 +16,7 @@ from etcdcron import Cron, EtcdError, Job
 from etcdcron import _connection
 from etcdcron._etcd import EtcdClient, PageSizer
 from etcdcron.keys import Keys, prefix_end
-from etcdcron.testing import EtcdCluster, EtcdServer, free_port, wait_until
+from etcdcron.testing import EtcdCluster, EtcdProxy, EtcdServer, free_port, wait_until
 
 
 def happens_within(predicate, seconds: float) -> bool:
@@ -96,6 +96,59 @@ def test_a_listing_of_records_larger_than_the_receive_limit_succeeds(own_etcd,
         assert [e.kv.key for e in events] == [b"big/%02d" % i for i in range(12)]
     finally:
         client.close()
+
+
+def ranges_started(server: EtcdServer) -> int:
+    """How many Range calls etcd has begun (its own metric)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{server.endpoint}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("grpc_server_started_total") and 'grpc_method="Range"' in line:
+                return int(float(line.rsplit(" ", 1)[1]))
+    raise AssertionError("etcd reports no Range metric")
+
+
+@pytest.mark.etcd
+def test_the_next_page_of_a_listing_is_requested_while_the_caller_reads_this_one(own_etcd):
+    client = EtcdClient(own_etcd.endpoint)
+    try:
+        for i in range(30):
+            client.put(b"ahead/%02d" % i, b"v%d" % i)
+        began = ranges_started(own_etcd)
+        pages = client.iter_prefix(b"ahead/", page_size=10)
+        _, first = next(pages)
+        # The caller holds the first page and asks for nothing: etcd is asked for the next.
+        wait_until(lambda: ranges_started(own_etcd) == began + 2, 10)
+        rest = [kv for _, page in pages for kv in page]
+        assert [kv.key for kv in first + rest] == [b"ahead/%02d" % i for i in range(30)]
+        assert [kv.value for kv in first + rest] == [b"v%d" % i for i in range(30)]
+
+        # A listing given up early leaves no request behind it.
+        pages = client.iter_prefix(b"ahead/", page_size=10)
+        next(pages)
+        pages.close()
+        assert client.list_prefix(b"ahead/")[1][-1].key == b"ahead/29"
+    finally:
+        client.close()
+
+
+@pytest.mark.etcd
+def test_a_page_requested_ahead_that_fails_is_read_again(own_etcd):
+    proxy = EtcdProxy(own_etcd.endpoint).start()
+    client = EtcdClient(proxy.endpoint, request_timeout=30)
+    try:
+        for i in range(30):
+            client.put(b"again/%02d" % i, b"v%d" % i)
+        proxy.latency(0.5)  # each way: the request sent ahead is still on its way when cut
+        pages = client.iter_prefix(b"again/", page_size=10)
+        _, first = next(pages)
+        proxy.cut()  # the request sent ahead fails with the connection
+        proxy.heal()
+        rest = [kv for _, page in pages for kv in page]
+        assert [kv.key for kv in first + rest] == [b"again/%02d" % i for i in range(30)]
+    finally:
+        client.close()
+        proxy.close()
 
 
 @pytest.mark.etcd

@@ -474,6 +474,36 @@ def test_a_job_never_has_two_triggers_in_flight(make_cron, calls):
     assert all(b - a >= 0.3 for a, b in zip(times, times[1:]))  # each after the previous ended
 
 
+def test_a_listing_loads_as_it_is_read_a_chunk_at_a_time(make_cron, calls):
+    """A replica over a million jobs never holds them all decoded: the engine loads a listing
+    a chunk at a time while it is still being read (and so while later pages arrive)."""
+    from etcd3.etcdrpc import kv_pb2
+
+    from etcdcron.engine import LOAD_CHUNK
+    from etcdcron.validation import prepare_job
+
+    cron = make_cron(calls.add)
+    cron.start()
+    cron.add("probe", Job(due_time="0s"))
+    calls.wait("probe", 1)  # the informer's own listing is loaded (it would forget the rest)
+    engine, keys = cron._engine, cron._keys
+    now = datetime.now(timezone.utc)
+    seen_loaded = []
+
+    def listing():
+        for i in range(2 * LOAD_CHUNK + 5):
+            if i == LOAD_CHUNK + 1:
+                seen_loaded.append(len(engine.index))  # the first chunk is in; the rest unread
+            name = f"chunk-{i:05d}"
+            value = prepare_job(name, Job(due_time="1h"), now).SerializeToString()
+            yield kv_pb2.KeyValue(key=keys.job(name), value=value, mod_revision=10**9), None
+
+    engine.load(engine.index.ownership, listing(), [], 10**9)
+
+    assert seen_loaded == [LOAD_CHUNK]
+    assert len(engine.index) == 2 * LOAD_CHUNK + 5
+
+
 def test_a_listing_from_before_a_one_shot_finished_does_not_bring_it_back(make_cron, calls):
     """After a watch falls behind compaction, the informer lists again, possibly at a revision
     older than the delete that recorded a finished one-shot and before it has seen that delete.
@@ -496,7 +526,7 @@ def test_a_listing_from_before_a_one_shot_finished_does_not_bring_it_back(make_c
     engine.apply_events = lambda *args: (resume.wait(10), apply_events(*args))  # hold the watch
     release.set()
     wait_until(lambda: gone(cron, "once") and engine.index.names() == [], 10)
-    engine.load(engine.index.ownership, jobs, {}, [], revision)
+    engine.load(engine.index.ownership, [(kv, None) for kv in jobs], [], revision)
     loaded = engine.index.names()
     resume.set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pytest
 from google.protobuf import wrappers_pb2
@@ -128,6 +129,54 @@ def test_list_pages_through_more_than_one_page(crud):
     listed = crud.list()
 
     assert [j.name for j in listed] == names
+
+
+def test_list_gives_every_field_of_every_job_as_get_does(crud, client, namespace):
+    """list() assembles its messages from the stored records: names and jobs of every size
+    (lengths past one varint byte), multi-byte names, all fields."""
+    payload = Any()
+    payload.Pack(wrappers_pb2.StringValue(value="p" * 300))
+    jobs = {
+        "a": Job(due_time="1h"),
+        "é-ünïcødé-名前": Job(schedule="@every 1m", repeats=3, ttl="2h", metadata=payload),
+        "n" * 200: Job(schedule="*/5 * * * * *", payload=payload, coalesce=True,
+                       catch_up_window="30s", trigger_timeout="10s",
+                       failure_policy=FailurePolicy(constant=FailurePolicyConstant(
+                           interval=timedelta(seconds=1), max_retries=2))),
+        "z-drop": Job(due_time="2h", failure_policy=FailurePolicy(drop=FailurePolicyDrop())),
+    }
+    for name, job in jobs.items():
+        crud.add(name, job)
+    keys = Keys(namespace)
+    client.put(keys.job("b-undecodable"), b"\xff\xff\xff")
+
+    listed = crud.list()
+
+    assert [j.name for j in listed] == sorted(jobs)
+    for named in listed:
+        assert named.job == crud.get(named.name)
+        assert named.job.SerializeToString(deterministic=True) == \
+            crud.get(named.name).SerializeToString(deterministic=True)
+    value = wrappers_pb2.StringValue()
+    assert next(j for j in listed if j.name == "n" * 200).job.payload.Unpack(value)
+    assert value.value == "p" * 300
+
+
+def test_jobs_stream_with_their_counters_across_pages(crud, client, namespace):
+    from etcdcron.store import stream_jobs_and_counters
+    keys = Keys(namespace)
+    names = [f"s-{i:03d}" for i in range(60)]
+    bulk_add(crud, {n: Job(due_time="1h") for n in names})
+    counted = names[::3] + ["s-000a", "r-before", "t-after"]  # and counters of no job
+    for name in counted:
+        client.put(keys.counter(name), name.encode())
+
+    revision, pairs = stream_jobs_and_counters(client, keys, page_size=7)
+    client.put(keys.job("s-999"), b"")  # after the revision: not listed
+    got = [(kv.key, counter.value if counter is not None else None) for kv, counter in pairs]
+
+    assert got == [(keys.job(n), n.encode() if n in names[::3] else None) for n in names]
+    assert revision < client.get(keys.job("s-999")).mod_revision
 
 
 def test_invalid_input_raises_and_writes_nothing(crud, client, namespace):
