@@ -77,6 +77,7 @@ __all__ = [
     "op_delete",
     "op_range",
     "op_txn",
+    "length_delimited",
     "guarded_write",
     "guarded",
     "guarded_check",
@@ -210,12 +211,15 @@ def _varint(value: int) -> bytes:
 _BYTE = [bytes((i,)) for i in range(0x80)]
 
 
-def _ld(field: int, payload: bytes) -> bytes:
-    """A length-delimited field (field numbers below 16): tag, length, payload."""
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (field numbers below 16): tag, length, payload."""
     n = len(payload)
     if n < 0x80:
         return bytes((field << 3 | 2, n)) + payload
     return bytes((field << 3 | 2,)) + _varint(n) + payload
+
+
+_ld = length_delimited
 
 
 # -- errors and retries ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from etcd3.etcdrpc import rpc_pb2 as rpc
 from google.protobuf.message import DecodeError
 
-from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, op_delete, op_put
+from etcdcron._etcd import EtcdClient, cmp_create, cmp_mod, length_delimited, op_delete, op_put
 from etcdcron._pb import api_pb2, stored_pb2
 from etcdcron.errors import (
     EtcdCronError,
@@ -303,23 +303,7 @@ class Store:
                       else decode_job_or_none(kv.value, name, kv.mod_revision, self._keys))
             if record is None:
                 continue
-            encoded_name, job = kv.key[jobs_prefix:], record.job.SerializeToString()
-            named = b"".join((b"\x0a", _varint(len(encoded_name)), encoded_name,
-                              b"\x12", _varint(len(job)), job))
-            parts += (b"\x0a", _varint(len(named)), named)
+            named = (length_delimited(1, kv.key[jobs_prefix:])
+                     + length_delimited(2, record.job.SerializeToString()))
+            parts.append(length_delimited(1, named))  # NamedJob name = 1, job = 2; jobs = 1
         return api_pb2.ListResponse.FromString(b"".join(parts)).jobs
-
-
-def _varint(n: int) -> bytes:
-    """``n`` (>= 0) as a protobuf varint."""
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
